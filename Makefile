@@ -1,0 +1,20 @@
+# The two commands of the README: `make run` and `make test`. Both set up .venv first when needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: setup run test test-all lint
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(PY) launch/run.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check vigos_ray workers launch tests

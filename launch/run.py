@@ -1,0 +1,44 @@
+"""Entry point: `python launch/run.py [--config FILE] [key=value ...]` (also under `ray job submit -- ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+from vigos_ray.cluster import ResourceError, check_ray_resources, init_ray  # noqa: E402
+from vigos_ray.config import ConfigError, load_config  # noqa: E402
+from vigos_ray.data import DataError  # noqa: E402
+from vigos_ray.models import ModelFolderError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", help="YAML file overriding the defaults in vigos_ray/config.py")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.temperature=1.1")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        init_ray(cfg)
+        check_ray_resources(cfg)
+        from vigos_ray.driver import run
+
+        run_dir = run(cfg)
+    except (ConfigError, ResourceError, ModelFolderError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""Run configuration: typed dataclasses with every default, loaded from YAML + CLI dotlist and validated.
+
+Load order: the schema below, then `--config FILE` (YAML that only overrides), then `key=value` overrides.
+After `load_config` nothing sees an omegaconf DictConfig. Every error names the key to change.
+This module imports no torch, ray or vllm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped, out of range or inconsistent; the message names the key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+# Prompt templates are ours. `{problem}` and `{answer}` are filled per sample; the image always comes first.
+STUDENT_TEMPLATE = (
+    "{problem}\n\n"
+    "First describe what the image shows that matters for the question inside <description> </description>. "
+    "Then reason step by step inside <think> </think>. Finish with the final answer written as \\boxed{{...}}."
+)
+PERCEPTION_TEMPLATE = ""  # the perception teacher sees the image alone: no question, no answer
+REASONING_TEMPLATE = (
+    "{problem}\n\nThe correct answer is {answer}. Using the image and that answer, reason step by step "
+    "inside <think> </think>, then give the final answer as \\boxed{{...}}."
+)
+REFERENCE_TEMPLATE = (
+    "{problem}\n\nThe correct answer is {answer}. Describe the relevant content of the image inside "
+    "<description> </description>, reason step by step inside <think> </think>, and finish with \\boxed{{...}}."
+)
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder. Empty: build the tiny model named by `tiny`.
+    path: str = ""
+    # Tiny real-architecture model built offline: `fast` (small trained tokenizer) or `qwen_vocab` (real
+    # Qwen2.5 vocabulary, 151,665 tokens). Used only when `path` is empty.
+    tiny: Literal["fast", "qwen_vocab"] = "fast"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Image size range handed to the processor (pixels). Qwen2.5-VL patches are 28x28 after merging.
+    min_pixels: int = 56 * 56
+    max_pixels: int = 448 * 448
+
+    def __post_init__(self) -> None:
+        _require(self.min_pixels >= 28 * 28, "model.min_pixels", f"must be >= {28 * 28} (got {self.min_pixels})")
+        _require(
+            self.max_pixels >= self.min_pixels,
+            "model.max_pixels",
+            f"must be >= model.min_pixels={self.min_pixels} (got {self.max_pixels})",
+        )
+
+
+@dataclass
+class DataConfig:
+    # `easyvqa`: the embedded easy-VQA set (PyPI easy-vqa). `files`: JSONL/Parquet files in vigos_ray/data.py format.
+    source: Literal["easyvqa", "files"] = "easyvqa"
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    # Use at most this many records per split (0 = all); keeps the CPU default quick.
+    limit: int = 0
+    shuffle: bool = True
+    # What a malformed record does: `skip` (counted and logged once per kind) or `raise`.
+    on_bad_record: Literal["skip", "raise"] = "skip"
+    max_prompt_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        _require(self.limit >= 0, "data.limit", f"must be >= 0 (got {self.limit})")
+        _require(self.max_prompt_tokens > 0, "data.max_prompt_tokens", f"must be > 0 (got {self.max_prompt_tokens})")
+        if self.source == "files":
+            _require(bool(self.train_files), "data.train_files", "must list at least one file when data.source=files")
+
+
+@dataclass
+class PromptConfig:
+    student: str = STUDENT_TEMPLATE
+    perception: str = PERCEPTION_TEMPLATE
+    reasoning: str = REASONING_TEMPLATE
+    reference: str = REFERENCE_TEMPLATE
+    # The assistant turn of the student (and reference teacher) context starts with this text.
+    student_prefill: str = "<description>"
+    reasoning_prefill: str = "<think>"
+
+    def __post_init__(self) -> None:
+        _require("{problem}" in self.student, "prompts.student", "must contain the {problem} placeholder")
+        for name in ("reasoning", "reference"):
+            text = getattr(self, name)
+            _require("{answer}" in text, f"prompts.{name}", "must contain the {answer} placeholder")
+        _require("{answer}" not in self.student, "prompts.student", "must not show the {answer} to the student")
+        _require("{answer}" not in self.perception, "prompts.perception", "must not show the {answer}")
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["vllm", "hf"] = "vllm"
+    workers: int = 1
+    num_gpus: float = 0.0  # per worker; tensor_parallel_size GPUs are needed when > 0
+    num_cpus: float = 1.0
+    tensor_parallel_size: int = 1
+    samples_per_prompt: int = 1
+    temperature: float = 1.1
+    top_p: float = 0.95
+    top_k: int = 20
+    max_new_tokens: int = 64
+    # vLLM KV-cache size. On CPU pass bytes (else vLLM reserves most of RAM); on GPU a memory fraction.
+    kv_cache_memory_bytes: int = 256 * 2**20
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, "rollout.workers", f"must be >= 1 (got {self.workers})")
+        _require(self.num_gpus >= 0, "rollout.num_gpus", f"must be >= 0 (got {self.num_gpus})")
+        _require(self.num_cpus >= 0, "rollout.num_cpus", f"must be >= 0 (got {self.num_cpus})")
+        _require(self.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+        _require(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
+        _require(self.temperature > 0, "rollout.temperature", f"must be > 0 (got {self.temperature})")
+        _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1] (got {self.top_p})")
+        _require(self.top_k == -1 or self.top_k >= 1, "rollout.top_k", f"must be -1 (off) or >= 1 (got {self.top_k})")
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _require(self.kv_cache_memory_bytes > 0, "rollout.kv_cache_memory_bytes", "must be > 0")
+        _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+        if self.tensor_parallel_size > 1:
+            _require(
+                self.num_gpus >= self.tensor_parallel_size,
+                "rollout.num_gpus",
+                f"must be >= rollout.tensor_parallel_size={self.tensor_parallel_size} (got {self.num_gpus})",
+            )
+
+
+@dataclass
+class TeacherPoolConfig:
+    min_workers: int = 1
+    max_workers: int = 1
+    num_gpus: float = 0.0  # per worker
+    num_cpus: float = 1.0
+    # Frozen weights this teacher loads. Empty: the student's initial weights (self-distillation).
+    checkpoint: str = ""
+    # Tokens per forward pass (contexts + scored completion), the batching budget.
+    token_budget: int = 8192
+
+    def check(self, role: str) -> None:
+        key = f"teachers.{role}"
+        _require(self.min_workers >= 0, f"{key}.min_workers", f"must be >= 0 (got {self.min_workers})")
+        _require(self.max_workers >= 1, f"{key}.max_workers", f"must be >= 1 (got {self.max_workers})")
+        _require(
+            self.max_workers >= self.min_workers,
+            f"{key}.max_workers",
+            f"must be >= {key}.min_workers={self.min_workers} (got {self.max_workers})",
+        )
+        _require(self.num_gpus >= 0, f"{key}.num_gpus", f"must be >= 0 (got {self.num_gpus})")
+        _require(self.num_cpus >= 0, f"{key}.num_cpus", f"must be >= 0 (got {self.num_cpus})")
+        _require(self.token_budget >= 64, f"{key}.token_budget", f"must be >= 64 (got {self.token_budget})")
+
+
+@dataclass
+class TeachersConfig:
+    perception: TeacherPoolConfig = field(default_factory=TeacherPoolConfig)
+    reasoning: TeacherPoolConfig = field(default_factory=TeacherPoolConfig)
+    reference: TeacherPoolConfig = field(default_factory=TeacherPoolConfig)
+    # What a teacher ships to the learner per scored token (SPEC §7).
+    payload: Literal["hidden", "topk", "sampled"] = "hidden"
+    topk: int = 64
+
+    def __post_init__(self) -> None:
+        for role in ("perception", "reasoning", "reference"):
+            getattr(self, role).check(role)
+        _require(self.topk >= 1, "teachers.topk", f"must be >= 1 (got {self.topk})")
+
+    def pools(self) -> dict[str, TeacherPoolConfig]:
+        return {"perception": self.perception, "reasoning": self.reasoning, "reference": self.reference}
+
+
+@dataclass
+class LossConfig:
+    # vigos: three teachers; opsd: the privileged full-format teacher on every token; distill: external teacher.
+    objective: Literal["vigos", "opsd", "distill"] = "vigos"
+    # Divergence family: SPEC defaults are forward KL for perception/reasoning and reverse KL for reference.
+    divergence: Literal["kl", "jsd", "sampled_rkl"] = "kl"
+    jsd_beta: float = 0.5  # TRL convention: 0 = forward KL, 1 = reverse KL
+    temperature: float = 1.0  # distillation temperature
+    clip_mode: Literal["token", "entry", "none"] = "token"
+    clip: float = 0.05
+    perception_weight: float = 1.0
+    reasoning_weight: float = 1.0
+    reference_weight: float = 2.0
+    # `code`: T_ra includes </think> and the \boxed{...} wrapper (reference code); `paper`: delimiters excluded.
+    span_convention: Literal["code", "paper"] = "code"
+    # The paper's Eq. 15 gives the reasoning teacher the description too; the reference code does not.
+    rea_teacher_sees_description: bool = False
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.jsd_beta <= 1, "loss.jsd_beta", f"must be in [0, 1] (got {self.jsd_beta})")
+        _require(self.temperature > 0, "loss.temperature", f"must be > 0 (got {self.temperature})")
+        _require(self.clip >= 0, "loss.clip", f"must be >= 0 (got {self.clip}); use loss.clip_mode=none to disable")
+        for name in ("perception_weight", "reasoning_weight", "reference_weight"):
+            value = getattr(self, name)
+            _require(value >= 0, f"loss.{name}", f"must be >= 0 (got {value})")
+        total = self.perception_weight + self.reasoning_weight + self.reference_weight
+        _require(total > 0, "loss.perception_weight", "the three loss weights are all zero: nothing would train")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "learner.lora.r", f"must be >= 1 (got {self.r})")
+        _require(self.alpha > 0, "learner.lora.alpha", f"must be > 0 (got {self.alpha})")
+        _require(0 <= self.dropout < 1, "learner.lora.dropout", f"must be in [0, 1) (got {self.dropout})")
+        if self.enabled:
+            _require(bool(self.target_modules), "learner.lora.target_modules", "must name at least one module")
+
+
+@dataclass
+class LearnerConfig:
+    workers: int = 1  # FSDP ranks
+    num_gpus: float = 0.0  # per rank
+    num_cpus: float = 1.0
+    prompts_per_step: int = 4
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["linear", "constant", "cosine"] = "linear"
+    grad_clip: float = 0.1
+    # Micro-batches are cut by token count, not by sample count.
+    micro_token_budget: int = 8192
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, "learner.workers", f"must be >= 1 (got {self.workers})")
+        _require(self.num_gpus >= 0, "learner.num_gpus", f"must be >= 0 (got {self.num_gpus})")
+        _require(self.num_cpus >= 0, "learner.num_cpus", f"must be >= 0 (got {self.num_cpus})")
+        _require(self.prompts_per_step >= 1, "learner.prompts_per_step", "must be >= 1")
+        _require(self.lr > 0, "learner.lr", f"must be > 0 (got {self.lr})")
+        _require(self.weight_decay >= 0, "learner.weight_decay", "must be >= 0")
+        _require(self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
+        _require(self.grad_clip >= 0, "learner.grad_clip", f"must be >= 0 (got {self.grad_clip}); 0 disables it")
+        _require(self.micro_token_budget >= 64, "learner.micro_token_budget", "must be >= 64")
+        if self.num_gpus > 0:
+            _require(self.num_gpus == int(self.num_gpus), "learner.num_gpus", "must be a whole number on GPUs")
+
+
+@dataclass
+class RunConfig:
+    name: str = "vigos"
+    output_dir: str = "runs"
+    # Where built tiny models and prepared datasets are cached between runs.
+    cache_dir: str = ".cache/vigos"
+    seed: int = 0
+    steps: int = 3
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 1
+    # Ray cluster to join; empty starts a local one on loopback (or joins the job's cluster under `ray job submit`).
+    ray_address: str = ""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "run.name", "must not be empty")
+        _require("/" not in self.name, "run.name", f"must not contain '/' (got {self.name!r})")
+        _require(self.steps >= 1, "run.steps", f"must be >= 1 (got {self.steps})")
+        _require(self.max_staleness >= 0, "run.max_staleness", f"must be >= 0 (got {self.max_staleness})")
+        if self.mode == "sync":
+            _require(self.max_staleness <= 1, "run.max_staleness", "has no effect in run.mode=sync; leave it at 0 or 1")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.objective == "distill":
+            _require(
+                bool(self.teachers.reference.checkpoint),
+                "teachers.reference.checkpoint",
+                "loss.objective=distill needs an external teacher checkpoint here",
+            )
+        if self.loss.divergence == "sampled_rkl":
+            _require(
+                self.teachers.payload == "sampled",
+                "teachers.payload",
+                "loss.divergence=sampled_rkl only needs log q(y_t): set teachers.payload=sampled",
+            )
+        if self.teachers.payload == "sampled":
+            _require(
+                self.loss.divergence == "sampled_rkl",
+                "loss.divergence",
+                "teachers.payload=sampled carries no distribution; it only supports loss.divergence=sampled_rkl",
+            )
+        if self.loss.clip_mode == "entry":
+            _require(
+                self.teachers.payload != "sampled",
+                "loss.clip_mode",
+                "entry-wise clipping needs teacher distributions; use clip_mode=token with sampled payloads",
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(node):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(_all_keys(value, key + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError) or "not in" in str(err):
+        known = _all_keys(Config())
+        hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if not hint:  # a misspelled leaf inside a known section: compare the leaf names of that section
+            section = key.rpartition(".")[0]
+            siblings = [k for k in known if k.rpartition(".")[0] == section]
+            hint = difflib.get_close_matches(key, siblings, n=1, cutoff=0.3)
+        suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
+        return ConfigError(f"unknown config key '{key}' (from {source}).{suggestion}")
+    if isinstance(err, ValidationError):
+        first_line = str(err).splitlines()[0]
+        return ConfigError(f"config key '{key}' (from {source}): {first_line}")
+    return ConfigError(f"config error at '{key}' (from {source}): {str(err).splitlines()[0]}")
+
+
+def _parse(read, source: str) -> Any:
+    import yaml
+
+    try:
+        return read()
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML file <- `key=value` overrides, validated; returns plain dataclasses."""
+    merged = OmegaConf.structured(Config)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config with an existing YAML file")
+        layers.append((str(path), _parse(lambda: OmegaConf.load(path), str(path))))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. rollout.temperature=1.1)")
+        layers.append((f"override {item!r}", _parse(lambda: OmegaConf.from_dotlist([item]), f"override {item!r}")))
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            raise _explain(err, source) from None
+    try:
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _explain(err, "the merged config") from None
+    assert isinstance(config, Config)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the fully resolved config, loadable again with `load_config(path)`."""
+    Path(path).write_text(to_yaml(config))

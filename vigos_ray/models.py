@@ -1,0 +1,127 @@
+"""Loading Qwen-VL checkpoints (real or tiny) and their processors, with clear errors for bad folders.
+
+One loading path for every model: a Hugging Face folder. `resolve_model_path` builds the tiny model into the
+cache when `model.path` is empty. Where torchvision's video processor cannot load, an image-only processor with the
+same outputs for images stands in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vigos_ray.config import ModelConfig
+from vigos_ray.tiny import VISION_SPECIAL_TOKENS, ensure_tiny_model
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+class ModelFolderError(ValueError):
+    """`model.path` (or a teacher checkpoint) is not a loadable Qwen-VL folder."""
+
+
+def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path, seed: int = 0) -> Path:
+    if not cfg.path:
+        return ensure_tiny_model(cache_dir, kind=cfg.tiny, seed=seed)
+    path = Path(cfg.path).expanduser()
+    check_model_folder(path, key="model.path")
+    return path
+
+
+def check_model_folder(path: Path, key: str = "model.path") -> dict[str, Any]:
+    """Fail early, naming the key, if `path` is not a Qwen-VL checkpoint folder; returns its config dict."""
+    if not path.is_dir():
+        raise ModelFolderError(f"{key}={path} is not a directory; point {key} at a Hugging Face model folder")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelFolderError(f"{key}={path} has no config.json; is it a Hugging Face model folder?")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelFolderError(
+            f"{key}={path} holds a '{model_type}' model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelFolderError(f"{key}={path} has no weight files (*.safetensors)")
+    return config
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """The full image-text model from a folder, in eval mode."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    return model.to(device).eval()
+
+
+@dataclass
+class ImageOnlyProcessor:
+    """Processor for image+text prompts that needs no video processor (hence no torchvision).
+
+    Gives the same `input_ids`, `pixel_values` and `image_grid_thw` for images as the model's own processor: each
+    image placeholder in the text is expanded to one pad per merged patch of that image.
+    """
+
+    tokenizer: Any
+    image_processor: Any
+    chat_template: str | None = None
+    image_token: str = "<|image_pad|>"
+
+    def apply_chat_template(self, messages, **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+    def __call__(self, text, images=None, return_tensors="pt", padding=False, **kwargs):
+        from transformers import BatchFeature
+
+        texts = [text] if isinstance(text, str) else list(text)
+        data: dict[str, Any] = {}
+        if images is not None:
+            vision = self.image_processor(images=images, return_tensors=return_tensors)
+            data.update(vision)
+            merge = self.image_processor.merge_size**2
+            counts = iter(int(g.prod()) // merge for g in vision["image_grid_thw"])
+            expanded = []
+            for t in texts:
+                pieces = t.split(self.image_token)
+                out = pieces[0]
+                for piece in pieces[1:]:
+                    out += self.image_token * next(counts) + piece
+                expanded.append(out)
+            texts = expanded
+        data.update(self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs))
+        return BatchFeature(data=data)
+
+
+def load_processor(path: str | Path, min_pixels: int, max_pixels: int, image_only: bool = False):
+    """The folder's processor with the image size range from config; image-only when video support can't load."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    if not image_only:
+        try:
+            processor = AutoProcessor.from_pretrained(str(path), size=size)
+            return processor
+        except (ImportError, ModuleNotFoundError, RuntimeError, TypeError, ValueError):
+            pass  # typically torchvision missing or broken: fall back below
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    image_processor = AutoImageProcessor.from_pretrained(str(path), size=size)
+    template_file = Path(path) / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
+    return ImageOnlyProcessor(tokenizer=tokenizer, image_processor=image_processor, chat_template=template)
+
+
+def sampling_token_ids(tokenizer) -> list[int]:
+    """Ids the student may sample: the tokenizer's own ids minus vision special tokens.
+
+    Head rows beyond the tokenizer (e.g. 151,936 rows for 151,665 tokens) and vision tokens are never sampled.
+    """
+    banned = set(banned_token_ids(tokenizer))
+    return [i for i in range(len(tokenizer)) if i not in banned]
+
+
+def banned_token_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)

@@ -1,0 +1,115 @@
+"""Rollout worker: samples student completions for image+question prompts (vLLM engine, or HF generate).
+
+A plain class; launch code wraps it with `ray.remote`. It holds policy version `version` and returns token ids,
+sampled log-probs and that version with every rollout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vigos_ray.config import Config
+from vigos_ray.data import Sample
+from vigos_ray.models import load_model, load_processor, sampling_token_ids
+from vigos_ray.prompts import encode, student_text
+from vigos_ray.types import Rollout
+
+
+class RolloutWorker:
+    def __init__(self, cfg: Config, model_path: str | Path, worker_index: int = 0):
+        self.cfg, self.model_path, self.worker_index = cfg, str(model_path), worker_index
+        self.processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
+        self.tokenizer = self.processor.tokenizer
+        self.allowed_ids = sampling_token_ids(self.tokenizer)
+        self.eos_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+        self.version = 0  # the initial weights, loaded from model_path
+        self._engine = self._start_vllm() if cfg.rollout.backend == "vllm" else None
+        self._hf_model = load_model(model_path, cfg.model.dtype) if cfg.rollout.backend == "hf" else None
+
+    def _start_vllm(self):
+        # In-process engine: a Ray actor must not fork vLLM's engine-core process, and on CPU this is the fast path.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        r = self.cfg.rollout
+        kwargs = dict(
+            model=self.model_path,
+            dtype=self.cfg.model.dtype,
+            seed=self.cfg.run.seed + self.worker_index,
+            max_model_len=self.cfg.data.max_prompt_tokens + r.max_new_tokens,
+            tensor_parallel_size=r.tensor_parallel_size,
+            enforce_eager=r.enforce_eager,
+            limit_mm_per_prompt={"image": 1, "video": 0},
+            mm_processor_kwargs={"min_pixels": self.cfg.model.min_pixels, "max_pixels": self.cfg.model.max_pixels},
+        )
+        if r.num_gpus > 0:
+            kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = r.kv_cache_memory_bytes  # else vLLM reserves most of the RAM
+        return LLM(**kwargs)
+
+    def generate(self, samples: list[Sample], seed: int) -> list[Rollout]:
+        """`rollout.samples_per_prompt` completions per sample, in sample order; `seed` makes them reproducible."""
+        n = self.cfg.rollout.samples_per_prompt
+        contexts = [encode(self.processor, student_text(self.processor, s.problem, self.cfg.prompts), s.image)
+                    for s in samples]
+        if self._engine is not None:
+            return self._generate_vllm(samples, contexts, n, seed)
+        return self._generate_hf(samples, contexts, n, seed)
+
+    def _generate_vllm(self, samples, contexts, n: int, seed: int) -> list[Rollout]:
+        from vllm import SamplingParams
+
+        r = self.cfg.rollout
+        prompts, params = [], []
+        for i, (s, ctx) in enumerate(zip(samples, contexts, strict=True)):
+            for j in range(n):
+                prompts.append({"prompt_token_ids": ctx.input_ids, "multi_modal_data": {"image": s.image}})
+                params.append(SamplingParams(
+                    temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
+                    logprobs=0, seed=seed * 1_000_003 + i * n + j, allowed_token_ids=self.allowed_ids,
+                ))  # fmt: skip
+        outputs = self._engine.generate(prompts, params, use_tqdm=False)
+        rollouts = []
+        for k, out in enumerate(outputs):
+            sample, ctx, c = samples[k // n], contexts[k // n], out.outputs[0]
+            logprobs = [step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids, strict=True)]
+            rollouts.append(self._rollout(sample, ctx.input_ids, list(c.token_ids), logprobs))
+        return rollouts
+
+    def _generate_hf(self, samples, contexts, n: int, seed: int) -> list[Rollout]:
+        import torch
+
+        r, model = self.cfg.rollout, self._hf_model
+        rows = model.get_output_embeddings().weight.shape[0]
+        banned = sorted(set(range(rows)) - set(self.allowed_ids))
+        rollouts = []
+        for i, (s, ctx) in enumerate(zip(samples, contexts, strict=True)):
+            for j in range(n):
+                torch.manual_seed(seed * 1_000_003 + i * n + j)
+                ids = torch.tensor([ctx.input_ids])
+                out = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=ctx.pixel_values,
+                    image_grid_thw=ctx.image_grid_thw, do_sample=True, temperature=r.temperature, top_p=r.top_p,
+                    top_k=r.top_k if r.top_k > 0 else None, max_new_tokens=r.max_new_tokens,
+                    suppress_tokens=banned, output_logits=True, return_dict_in_generate=True,
+                )  # fmt: skip
+                completion = out.sequences[0, ids.shape[1]:].tolist()
+                raw = torch.stack(out.logits, dim=1)[0].float().log_softmax(-1)  # temperature-1 policy
+                logprobs = raw.gather(1, torch.tensor(completion)[:, None])[:, 0].tolist()
+                rollouts.append(self._rollout(s, ctx.input_ids, completion, logprobs))
+        return rollouts
+
+    def _rollout(self, sample: Sample, prompt_ids: list[int], completion: list[int], logprobs) -> Rollout:
+        stopped = bool(completion) and completion[-1] in self.eos_ids
+        return Rollout(
+            sample_id=sample.id,
+            prompt_ids=list(prompt_ids),
+            completion_ids=completion,
+            logprobs=list(logprobs),
+            text=self.tokenizer.decode(completion, skip_special_tokens=False),
+            version=self.version,
+            finish_reason="stop" if stopped else "length",
+        )
