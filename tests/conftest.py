@@ -37,7 +37,7 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     ray.init(
-        num_cpus=4,
+        num_cpus=8,  # logical CPUs: actors of the tiny model oversubscribe the 2 cores on purpose
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         _temp_dir=str(tmp_path_factory.mktemp("ray")),

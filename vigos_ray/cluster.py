@@ -73,7 +73,7 @@ def init_ray(cfg: Config) -> None:
         return
     # Logical CPUs are ours to choose on a local cluster: the tiny default oversubscribes the cores on purpose.
     num_cpus = max(os.cpu_count() or 1, int(cpus_needed(cfg) + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=env)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=env)
     log.info("started a local Ray cluster on loopback with %d logical CPUs", num_cpus)
 
 

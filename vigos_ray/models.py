@@ -125,3 +125,24 @@ def sampling_token_ids(tokenizer) -> list[int]:
 def banned_token_ids(tokenizer) -> list[int]:
     ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]
     return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+
+
+def completion_logprobs(model, context, completion_ids: list[int]):
+    """log p(y_t | context, y_<t) of each completion token under `model` (teacher forcing, temperature 1).
+
+    Logits are taken only at the positions that predict completion tokens. Returns a float32 tensor [T].
+    """
+    import torch
+
+    ids = torch.tensor([context.input_ids + list(completion_ids)])
+    with torch.no_grad():
+        out = model.model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=context.pixel_values,
+            image_grid_thw=context.image_grid_thw,
+        )
+        start = len(context.input_ids) - 1  # the last context position predicts the first completion token
+        hidden = out.last_hidden_state[0, start : start + len(completion_ids)]
+        logits = model.lm_head(hidden).float()
+    return logits.log_softmax(-1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0]

@@ -1,0 +1,154 @@
+"""Tiny model folders load like real checkpoints in transformers and in vLLM (inside a Ray actor), and agree."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vigos_ray.config import load_config
+from vigos_ray.data import PromptStream, read_records
+from vigos_ray.easyvqa import write_easyvqa_jsonl
+from vigos_ray.models import (
+    ModelFolderError,
+    banned_token_ids,
+    check_model_folder,
+    completion_logprobs,
+    load_model,
+    load_processor,
+    resolve_model_path,
+)
+from vigos_ray.prompts import encode, student_text
+from vigos_ray.tiny import QWEN_SPECIAL_TOKENS
+
+pytestmark = pytest.mark.integration
+KINDS = ["fast", "qwen_vocab"]
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    path = write_easyvqa_jsonl(tmp_path_factory.mktemp("data"), "test")
+    return PromptStream(read_records(path)[:64], seed=0).next_batch(4)
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_fast, tiny_qwen_vocab):
+    return {"fast": tiny_fast, "qwen_vocab": tiny_qwen_vocab}
+
+
+def test_qwen_vocab_tokenizer_reproduces_real_qwen_ids(tiny_qwen_vocab):
+    tok = load_processor(tiny_qwen_vocab, 3136, 200704).tokenizer
+    assert len(tok) == 151_665
+    assert tok.encode("Hello world") == [9707, 1879]  # ids of the released Qwen2.5 tokenizer
+    assert [tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS] == list(range(151_643, 151_665))
+    text = "<description>A red circle.</description><think>It is red.</think>\\boxed{red}"
+    assert tok.decode(tok.encode(text)) == text
+    config = json.loads((tiny_qwen_vocab / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl" and config["image_token_id"] == 151_655
+    assert config["text_config"]["vocab_size"] > 151_665  # head rows beyond the tokenizer, like the real model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tiny_folder_loads_in_transformers_and_generates_from_an_image(folders, samples, kind):
+    model = load_model(folders[kind])
+    processor = load_processor(folders[kind], 3136, 200704)
+    ctx = encode(processor, student_text(processor, samples[0].problem, load_config().prompts), samples[0].image)
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert ctx.input_ids.count(image_pad) == int(ctx.image_grid_thw.prod()) // 4 > 0
+    ids = torch.tensor([ctx.input_ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=ctx.pixel_values,
+                         image_grid_thw=ctx.image_grid_thw, do_sample=False, max_new_tokens=6)  # fmt: skip
+    assert out.shape[1] > ids.shape[1]
+    # the image reaches the model: a different image changes the next-token distribution
+    other = encode(processor, ctx.text, Image.new("RGB", (64, 64), (0, 0, 255)))
+    first = completion_logprobs(model, ctx, [out[0, ids.shape[1]].item()])
+    assert not torch.allclose(first, completion_logprobs(model, other, [out[0, ids.shape[1]].item()]))
+
+
+def test_image_only_processor_matches_the_full_processor(tiny_fast, samples):
+    full = load_processor(tiny_fast, 3136, 200704)
+    image_only = load_processor(tiny_fast, 3136, 200704, image_only=True)
+    assert type(image_only).__name__ == "ImageOnlyProcessor"
+    prompts = load_config().prompts
+    for s in samples:
+        a = encode(full, student_text(full, s.problem, prompts), s.image)
+        b = encode(image_only, student_text(image_only, s.problem, prompts), s.image)
+        assert a.text == b.text and a.input_ids == b.input_ids
+        assert torch.equal(a.pixel_values, b.pixel_values) and torch.equal(a.image_grid_thw, b.image_grid_thw)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "absent", "is not a directory"),
+        (lambda p: p, "has no config.json"),
+        (lambda p: (p / "config.json").write_text('{"model_type": "llama"}') and p, "holds a 'llama' model"),
+    ],
+)
+def test_bad_model_folder_is_reported_with_the_key(tmp_path, make, message):
+    with pytest.raises(ModelFolderError, match=f"model.path=.*{message}"):
+        check_model_folder(make(tmp_path))
+
+
+def test_empty_model_path_builds_the_tiny_model_once(tmp_path):
+    cfg = load_config().model
+    first = resolve_model_path(cfg, tmp_path)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_path(cfg, tmp_path) == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def vllm_worker(request, ray_cluster, folders):
+    """A real RolloutWorker (vLLM CPU engine) in a Ray actor, as the pipeline runs it."""
+    from workers.rollout import RolloutWorker
+
+    cfg = load_config(overrides=["rollout.max_new_tokens=24", "rollout.samples_per_prompt=2"])
+    actor = ray_cluster.remote(num_cpus=1)(RolloutWorker).remote(cfg, str(folders[request.param]))
+    yield request.param, actor
+    ray_cluster.kill(actor)
+
+
+def test_vllm_rollouts_match_transformers_logprobs_and_avoid_banned_ids(vllm_worker, folders, samples):
+    import ray
+
+    kind, actor = vllm_worker
+    rollouts = ray.get(actor.generate.remote(samples, seed=5), timeout=300)
+    assert [r.sample_id for r in rollouts] == [s.id for s in samples for _ in range(2)]
+    model = load_model(folders[kind])
+    processor = load_processor(folders[kind], 3136, 200704)
+    banned = set(banned_token_ids(processor.tokenizer))
+    prompts = load_config().prompts
+    worst = 0.0
+    for r, s in zip(rollouts, [s for s in samples for _ in range(2)], strict=True):
+        ctx = encode(processor, student_text(processor, s.problem, prompts), s.image)
+        assert r.prompt_ids == ctx.input_ids and r.version == 0
+        assert r.completion_ids and all(t < len(processor.tokenizer) and t not in banned for t in r.completion_ids)
+        hf = completion_logprobs(model, ctx, r.completion_ids)
+        worst = max(worst, (hf - torch.tensor(r.logprobs)).abs().max().item())
+    # fp32 on both sides. Text-only prompts agree to 5e-7; with an image the two vision paths (vLLM's image
+    # preprocessing and vision tower vs transformers') were measured to differ by up to ~2e-4 in log-prob.
+    assert worst < 1e-3, f"vLLM sampled log-probs differ from teacher-forced transformers by {worst:.2e}"
+
+
+def test_vllm_sampling_is_reproducible_by_seed(vllm_worker, samples):
+    import ray
+
+    _, actor = vllm_worker
+    a, b, c = ray.get([actor.generate.remote(samples[:2], seed=s) for s in (11, 11, 12)], timeout=300)
+    assert [r.completion_ids for r in a] == [r.completion_ids for r in b]
+    assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
+
+
+def test_hf_backend_gives_the_same_interface_and_consistent_logprobs(tiny_fast, samples):
+    from workers.rollout import RolloutWorker
+
+    cfg = load_config(overrides=["rollout.backend=hf", "rollout.max_new_tokens=12"])
+    worker = RolloutWorker(cfg, tiny_fast)
+    rollouts = worker.generate(samples[:2], seed=0)
+    model, processor = worker._hf_model, worker.processor
+    banned = set(banned_token_ids(processor.tokenizer))
+    for r, s in zip(rollouts, samples[:2], strict=True):
+        assert r.finish_reason in ("stop", "length") and not banned & set(r.completion_ids)
+        ctx = encode(processor, student_text(processor, s.problem, cfg.prompts), s.image)
+        hf = completion_logprobs(model, ctx, r.completion_ids)
+        assert torch.allclose(hf, torch.tensor(r.logprobs), atol=1e-4)
