@@ -11,6 +11,7 @@ run: setup
 	$(PY) launch/run.py $(ARGS)
 
 test: setup
+	$(VENV)/bin/ruff check vigos_ray workers launch tests
 	$(PY) -m pytest -q $(ARGS)
 
 test-all: setup

@@ -24,7 +24,8 @@ fi
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then EXTRA=gpu; else EXTRA=cpu; fi
 echo "setup: creating $VENV with $("$PY" --version) for a ${EXTRA^^} machine"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# pip's notes about this machine's empty local index folders are noise; real errors still show.
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 pip install --upgrade pip setuptools wheel
 # torch first and pinned: later resolutions then keep it instead of pulling a CUDA build.
 pip install "torch==2.13.0"

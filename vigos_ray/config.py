@@ -373,7 +373,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. rollout.temperature=1.1)")
-        layers.append((f"override {item!r}", _parse(lambda: OmegaConf.from_dotlist([item]), f"override {item!r}")))
+        source = f"override {item!r}"
+        layers.append((source, _parse(lambda item=item: OmegaConf.from_dotlist([item]), source)))
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)

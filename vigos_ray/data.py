@@ -212,7 +212,8 @@ class PromptStream:
                 self.bad_counts[kind] += 1
                 skipped_in_a_row += 1
                 if skipped_in_a_row >= len(self.records):
-                    raise DataError("every record in the dataset is bad; see the counts: " + str(self.bad_counts))
+                    counts = dict(self.bad_counts)
+                    raise DataError(f"every record in the dataset is bad ({counts}); fix the data files") from None
         return batch
 
     def state_dict(self) -> dict[str, Any]:

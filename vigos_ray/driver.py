@@ -66,7 +66,8 @@ def run(cfg: Config) -> Path:
         log.info("sample %s (v%d, %s): %r", r.sample_id, r.version, r.finish_reason, r.text[:160])
     log.warning(
         "stopping after the rollout stage: teacher scoring, the learner and weight push are not built yet "
-        "(issue #4); no training happened. Rollouts written to %s", run_dir / "rollouts-step0.jsonl"
+        "(issue #4); no training happened. Rollouts written to %s",
+        run_dir / "rollouts-step0.jsonl",
     )
     rollout.shutdown()
     return run_dir

@@ -53,8 +53,9 @@ class RolloutWorker:
     def generate(self, samples: list[Sample], seed: int) -> list[Rollout]:
         """`rollout.samples_per_prompt` completions per sample, in sample order; `seed` makes them reproducible."""
         n = self.cfg.rollout.samples_per_prompt
-        contexts = [encode(self.processor, student_text(self.processor, s.problem, self.cfg.prompts), s.image)
-                    for s in samples]
+        contexts = [
+            encode(self.processor, student_text(self.processor, s.problem, self.cfg.prompts), s.image) for s in samples
+        ]
         if self._engine is not None:
             return self._generate_vllm(samples, contexts, n, seed)
         return self._generate_hf(samples, contexts, n, seed)
@@ -100,7 +101,7 @@ class RolloutWorker:
                     top_k=r.top_k if r.top_k > 0 else None, max_new_tokens=r.max_new_tokens,
                     suppress_tokens=banned, output_logits=True, return_dict_in_generate=True,
                 )  # fmt: skip
-                completion = out.sequences[0, ids.shape[1]:].tolist()
+                completion = out.sequences[0, ids.shape[1] :].tolist()
                 raw = torch.stack(out.logits, dim=1)[0].float().log_softmax(-1)  # temperature-1 policy
                 logprobs = raw.gather(1, torch.tensor(completion)[:, None])[:, 0].tolist()
                 rollouts.append(self._rollout(s, ctx.input_ids, completion, logprobs))

@@ -38,6 +38,12 @@ def test_run_py_rejects_a_bad_key_before_starting_anything(tmp_path):
 
 def test_gpu_request_is_checked_against_the_live_cluster(ray_cluster):
     check_ray_resources(load_config())  # the CPU default fits
-    cfg = load_config(overrides=["teachers.reasoning.num_gpus=1", "teachers.reasoning.min_workers=2"])
+    cfg = load_config(
+        overrides=[
+            "teachers.reasoning.num_gpus=1",
+            "teachers.reasoning.min_workers=2",
+            "teachers.reasoning.max_workers=2",
+        ]
+    )
     with pytest.raises(ResourceError, match=r"asks for 2 GPUs \(teachers.reasoning.min_workers=2 x "):
         check_ray_resources(cfg)

@@ -93,7 +93,8 @@ def test_fit_pixels_keeps_aspect_and_range(size, lo, hi):
 
 
 BAD = {
-    "missing_image": ({"id": "m", "image": "nope.png", "problem": "p", "answer": "a"}, "image file .*nope.png does not exist"),
+    "missing_image": ({"id": "m", "image": "nope.png", "problem": "p", "answer": "a"},
+                      "image file .*nope.png does not exist"),
     "undecodable_image": ({"id": "u", "image_b64": base64.b64encode(b"not an image").decode(), "problem": "p",
                            "answer": "a"}, "image cannot be decoded"),
     "empty_problem": ({"id": "e", "image": "ok.png", "problem": "  ", "answer": "a"}, "'problem' is missing or empty"),
