@@ -30,7 +30,7 @@ class RolloutWorker:
     def _start_vllm(self):
         # In-process engine: a Ray actor must not fork vLLM's engine-core process, and on CPU this is the fast path.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its per-step CPU warnings drown the run log
         from vllm import LLM
 
         r = self.cfg.rollout

@@ -69,6 +69,7 @@ def test_image_only_processor_matches_the_full_processor(tiny_fast, samples):
     full = load_processor(tiny_fast, 3136, 200704)
     image_only = load_processor(tiny_fast, 3136, 200704, image_only=True)
     assert type(image_only).__name__ == "ImageOnlyProcessor"
+    assert type(full).__name__ == "Qwen2_5_VLProcessor"  # the torchvision hook lets the stock processor load
     prompts = load_config().prompts
     for s in samples:
         a = encode(full, student_text(full, s.problem, prompts), s.image)
@@ -152,3 +153,14 @@ def test_hf_backend_gives_the_same_interface_and_consistent_logprobs(tiny_fast, 
         ctx = encode(processor, student_text(processor, s.problem, cfg.prompts), s.image)
         hf = completion_logprobs(model, ctx, r.completion_ids)
         assert torch.allclose(hf, torch.tensor(r.logprobs), atol=1e-4)
+
+
+def test_prompt_length_limit_uses_the_real_student_context(tmp_path):
+    from vigos_ray.data import DataError
+    from vigos_ray.driver import prompt_stream
+
+    cfg = load_config(overrides=[f"run.cache_dir={tmp_path}", "data.max_prompt_tokens=60", "data.on_bad_record=raise"])
+    stream = prompt_stream(cfg, resolve_model_path(cfg.model, cfg.run.cache_dir))
+    # 16 image pads for a 64x64 image plus the chat turn and our instruction: about 75 tokens with `fast`
+    with pytest.raises(DataError, match=r"the student prompt has \d+ tokens, over data.max_prompt_tokens=60"):
+        stream.next_batch(1)

@@ -156,3 +156,18 @@ def test_easyvqa_adapter_writes_real_records(tmp_path):
     assert {"circle", "rectangle", "triangle", "yes", "no", "red", "blue"} <= answers
     sample = PromptStream(train[:50], seed=0).next_batch(1)[0]
     assert sample.image.size == (64, 64) and sample.problem.endswith("?")
+
+
+def test_parquet_records_with_raw_image_bytes_read_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"p{i}", "image_b64": _png_bytes(color=(0, i * 40, 0)), "problem": f"q{i}?", "answer": "green"}
+            for i in range(3)]  # fmt: skip
+    rows.append({"id": "bad", "image_b64": b"garbage", "problem": "q?", "answer": "x"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    stream = PromptStream(read_records(tmp_path / "d.parquet"), shuffle=False)
+    samples = stream.next_batch(3)
+    assert [s.id for s in samples] == ["p0", "p1", "p2"] and samples[2].image.getpixel((5, 5)) == (0, 80, 0)
+    stream.next_batch(1)
+    assert stream.bad_counts == {"undecodable_image": 1}
