@@ -7,6 +7,7 @@ sampled log-probs and that version with every rollout.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 from vigos_ray.config import Config
@@ -14,6 +15,11 @@ from vigos_ray.data import Sample
 from vigos_ray.models import load_model, load_processor, sampling_token_ids
 from vigos_ray.prompts import encode, student_text
 from vigos_ray.types import Rollout
+
+
+def sample_seed(seed: int, sample_id: str, j: int) -> int:
+    """Per-completion sampling seed: depends on the sample, not on which worker or batch slot it landed in."""
+    return zlib.crc32(f"{seed}:{sample_id}:{j}".encode())
 
 
 class RolloutWorker:
@@ -65,14 +71,14 @@ class RolloutWorker:
 
         r = self.cfg.rollout
         prompts, params = [], []
-        for i, (s, ctx) in enumerate(zip(samples, contexts, strict=True)):
+        for s, ctx in zip(samples, contexts, strict=True):
             for j in range(n):
                 # vLLM gets the rendered text and the image and expands the image pads itself: handing it our
                 # already-expanded ids was measured to change the output (log-probs off by ~2e-2 from HF's).
                 prompts.append({"prompt": ctx.text, "multi_modal_data": {"image": s.image}})
                 params.append(SamplingParams(
                     temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
-                    logprobs=0, seed=seed * 1_000_003 + i * n + j, allowed_token_ids=self.allowed_ids,
+                    logprobs=0, seed=sample_seed(seed, s.id, j), allowed_token_ids=self.allowed_ids,
                 ))  # fmt: skip
         outputs = self._engine.generate(prompts, params, use_tqdm=False)
         rollouts = []
@@ -91,9 +97,9 @@ class RolloutWorker:
         rows = model.get_output_embeddings().weight.shape[0]
         banned = sorted(set(range(rows)) - set(self.allowed_ids))
         rollouts = []
-        for i, (s, ctx) in enumerate(zip(samples, contexts, strict=True)):
+        for s, ctx in zip(samples, contexts, strict=True):
             for j in range(n):
-                torch.manual_seed(seed * 1_000_003 + i * n + j)
+                torch.manual_seed(sample_seed(seed, s.id, j))
                 ids = torch.tensor([ctx.input_ids])
                 out = model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=ctx.pixel_values,

@@ -138,6 +138,9 @@ def test_vllm_sampling_is_reproducible_by_seed(vllm_worker, samples):
     a, b, c = ray.get([actor.generate.remote(samples[:2], seed=s) for s in (11, 11, 12)], timeout=300)
     assert [r.completion_ids for r in a] == [r.completion_ids for r in b]
     assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
+    # a sample's completions do not depend on its batch slot (so neither on how samples are split across workers)
+    alone = ray.get(actor.generate.remote(samples[1:2], seed=11), timeout=300)
+    assert [r.completion_ids for r in alone] == [r.completion_ids for r in a[2:]]
 
 
 def test_hf_backend_gives_the_same_interface_and_consistent_logprobs(tiny_fast, samples):
