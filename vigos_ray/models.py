@@ -8,6 +8,7 @@ same outputs for images stands in.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from vigos_ray.config import ModelConfig
 from vigos_ray.tiny import VISION_SPECIAL_TOKENS, ensure_tiny_model
 
+log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
@@ -102,10 +104,10 @@ def load_processor(path: str | Path, min_pixels: int, max_pixels: int, image_onl
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     if not image_only:
         try:
-            processor = AutoProcessor.from_pretrained(str(path), size=size)
-            return processor
-        except (ImportError, ModuleNotFoundError, RuntimeError, TypeError, ValueError):
-            pass  # typically torchvision missing or broken: fall back below
+            return AutoProcessor.from_pretrained(str(path), size=size)
+        except (ImportError, RuntimeError, TypeError, ValueError) as err:  # typically torchvision missing or broken
+            log.warning("the processor of %s did not load (%s: %s); using an image-only processor",
+                        path, type(err).__name__, err)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     image_processor = AutoImageProcessor.from_pretrained(str(path), size=size)
     template_file = Path(path) / "chat_template.jinja"
