@@ -1,0 +1,1 @@
+"""Worker classes (plain Python) that the launch code wraps as Ray actors."""
