@@ -30,8 +30,12 @@ def write_easyvqa_jsonl(out_dir: str | Path, split: Split) -> Path:
     tmp = out.with_suffix(".tmp")
     with tmp.open("w") as f:
         for i, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids, strict=True)):
-            record = {"id": f"easyvqa-{split}-{i}", "image": image_paths[image_id], "problem": question}
-            record["answer"] = answer
+            record = {
+                "id": f"easyvqa-{split}-{i}",
+                "image": image_paths[image_id],
+                "problem": question,
+                "answer": answer,
+            }
             f.write(json.dumps(record) + "\n")
     tmp.replace(out)
     return out

@@ -32,6 +32,9 @@ class RolloutWorker:
         self.version = 0  # the initial weights, loaded from model_path
         self._engine = self._start_vllm() if cfg.rollout.backend == "vllm" else None
         self._hf_model = load_model(model_path, cfg.model.dtype) if cfg.rollout.backend == "hf" else None
+        if self._hf_model is not None:  # HF bans by listing what may not be sampled: vision ids and padded head rows
+            rows = self._hf_model.get_output_embeddings().weight.shape[0]
+            self._hf_banned = sorted(set(range(rows)) - set(self.allowed_ids))
 
     def _start_vllm(self):
         # In-process engine: a Ray actor must not fork vLLM's engine-core process, and on CPU this is the fast path.
@@ -94,8 +97,6 @@ class RolloutWorker:
         import torch
 
         r, model = self.cfg.rollout, self._hf_model
-        rows = model.get_output_embeddings().weight.shape[0]
-        banned = sorted(set(range(rows)) - set(self.allowed_ids))
         rollouts = []
         for s, ctx in zip(samples, contexts, strict=True):
             for j in range(n):
@@ -105,7 +106,7 @@ class RolloutWorker:
                     input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=ctx.pixel_values,
                     image_grid_thw=ctx.image_grid_thw, do_sample=True, temperature=r.temperature, top_p=r.top_p,
                     top_k=r.top_k if r.top_k > 0 else None, max_new_tokens=r.max_new_tokens,
-                    suppress_tokens=banned, output_logits=True, return_dict_in_generate=True,
+                    suppress_tokens=self._hf_banned, output_logits=True, return_dict_in_generate=True,
                 )  # fmt: skip
                 completion = out.sequences[0, ids.shape[1] :].tolist()
                 raw = torch.stack(out.logits, dim=1)[0].float().log_softmax(-1)  # temperature-1 policy
