@@ -200,8 +200,11 @@ class LossConfig:
     span_convention: Literal["code", "paper"] = "code"
     # The paper's Eq. 15 gives the reasoning teacher the description too; the reference code does not.
     rea_teacher_sees_description: bool = False
+    # Tokens per chunk when the output head is applied for the loss: peak memory is ~4 x chunk x vocab floats.
+    chunk_tokens: int = 1024
 
     def __post_init__(self) -> None:
+        _require(self.chunk_tokens >= 1, "loss.chunk_tokens", f"must be >= 1 (got {self.chunk_tokens})")
         _require(0 <= self.jsd_beta <= 1, "loss.jsd_beta", f"must be in [0, 1] (got {self.jsd_beta})")
         _require(self.temperature > 0, "loss.temperature", f"must be > 0 (got {self.temperature})")
         _require(self.clip >= 0, "loss.clip", f"must be >= 0 (got {self.clip}); use loss.clip_mode=none to disable")

@@ -45,3 +45,19 @@ def encode(processor, text: str, image: Image.Image | None) -> EncodedContext:
         pixel_values=batch.get("pixel_values"),
         image_grid_thw=batch.get("image_grid_thw"),
     )
+
+
+def teacher_texts(processor, problem: str, answer: str, prompts: PromptConfig, sees_description: bool) -> dict:
+    """Rendered contexts of the three teachers (SPEC §5), keyed by teacher role, each ending where the
+    completion tokens take over. The reasoning context is prefilled with `<think>`, or, when the reasoning teacher
+    sees the description (paper Eq. 15), with the student's prefill so the whole completion follows."""
+    fill = {"problem": problem, "answer": answer}
+    return {
+        "perception": render(processor, prompts.perception.format(**fill), prefill=""),
+        "reasoning": render(
+            processor,
+            prompts.reasoning.format(**fill),
+            prompts.student_prefill if sees_description else prompts.reasoning_prefill,
+        ),
+        "reference": render(processor, prompts.reference.format(**fill), prompts.student_prefill),
+    }

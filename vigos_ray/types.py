@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -16,3 +17,56 @@ class Rollout:
     text: str  # decoded completion, for logs only: never re-tokenized
     version: int  # policy version of the weights that sampled it
     finish_reason: str  # "stop" (EOS) or "length" (cut at rollout.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Where each ViGOS segment lies in one completion (indices into `Rollout.completion_ids`), SPEC §4."""
+
+    valid: bool
+    reason: str  # why the rollout is invalid; "" when valid
+    length: int  # tokens up to and including the first EOS (the whole completion if it has none)
+    description: tuple[int, ...] = ()  # T_d: scored by the perception teacher (valid rows)
+    reasoning: tuple[int, ...] = ()  # T_ra: scored by the reasoning teacher (valid rows)
+    reference: tuple[int, ...] = ()  # every token of an invalid row: scored by the reference teacher
+    description_end: int = 0  # first token holding `</description>`: the perception context stops here
+    think_start: int = 0  # first token after `<think>`: the reasoning context resumes here
+    answer_end: int = 0  # one past the token closing `\boxed{...}`
+    answer: str | None = None  # the text inside the box
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """One sequence to teacher-force: a context, the completion tokens it continues with, the tokens to score.
+
+    `scored[j]` indexes `input_ids`; the target is `input_ids[scored[j]]`, predicted at position `scored[j] - 1`.
+    """
+
+    input_ids: list[int]  # context (image pads expanded) followed by (a slice of) the completion
+    pixel_values: Any  # torch.Tensor [patches, patch_dim] or None
+    image_grid_thw: Any  # torch.Tensor [images, 3] or None
+    scored: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """What a teacher ships per scored token of one row (SPEC §7); only the fields of its payload are set.
+
+    hidden:  `hidden` [n, d], final normalized hidden states (the learner applies the frozen initial head).
+    topk:    `topk_ids` [n, k], `topk_logprobs` [n, k] (log q at temperature, normalized over the full
+             vocabulary) and `tail_logprob` [n] = log of the mass outside the k ids.
+    sampled: `token_logprobs` [n] = log q(y_t) at temperature.
+    """
+
+    payload: str
+    hidden: Any = None
+    topk_ids: Any = None
+    topk_logprobs: Any = None
+    tail_logprob: Any = None
+    token_logprobs: Any = None
+
+    def __len__(self) -> int:
+        for x in (self.hidden, self.topk_ids, self.token_logprobs):
+            if x is not None:
+                return int(x.shape[0])
+        return 0

@@ -7,19 +7,14 @@ sampled log-probs and that version with every rollout.
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 
 from vigos_ray.config import Config
 from vigos_ray.data import Sample
 from vigos_ray.models import load_model, load_processor, sampling_token_ids
 from vigos_ray.prompts import encode, student_text
+from vigos_ray.sampling import banned_rows, hf_rollouts, make_rollout, sample_seed
 from vigos_ray.types import Rollout
-
-
-def sample_seed(seed: int, sample_id: str, j: int) -> int:
-    """Per-completion sampling seed: depends on the sample, not on which worker or batch slot it landed in."""
-    return zlib.crc32(f"{seed}:{sample_id}:{j}".encode())
 
 
 class RolloutWorker:
@@ -28,13 +23,11 @@ class RolloutWorker:
         self.processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
         self.tokenizer = self.processor.tokenizer
         self.allowed_ids = sampling_token_ids(self.tokenizer)
-        self.eos_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
         self.version = 0  # the initial weights, loaded from model_path
         self._engine = self._start_vllm() if cfg.rollout.backend == "vllm" else None
         self._hf_model = load_model(model_path, cfg.model.dtype) if cfg.rollout.backend == "hf" else None
-        if self._hf_model is not None:  # HF bans by listing what may not be sampled: vision ids and padded head rows
-            rows = self._hf_model.get_output_embeddings().weight.shape[0]
-            self._hf_banned = sorted(set(range(rows)) - set(self.allowed_ids))
+        if self._hf_model is not None:  # HF bans by listing what may not be sampled
+            self._hf_banned = banned_rows(self._hf_model, self.allowed_ids)
 
     def _start_vllm(self):
         # In-process engine: a Ray actor must not fork vLLM's engine-core process, and on CPU this is the fast path.
@@ -61,13 +54,13 @@ class RolloutWorker:
 
     def generate(self, samples: list[Sample], seed: int) -> list[Rollout]:
         """`rollout.samples_per_prompt` completions per sample, in sample order; `seed` makes them reproducible."""
+        if self._engine is None:
+            return hf_rollouts(self._hf_model, self.processor, samples, self.cfg, seed, self._hf_banned, self.version)
         n = self.cfg.rollout.samples_per_prompt
         contexts = [
             encode(self.processor, student_text(self.processor, s.problem, self.cfg.prompts), s.image) for s in samples
         ]
-        if self._engine is not None:
-            return self._generate_vllm(samples, contexts, n, seed)
-        return self._generate_hf(samples, contexts, n, seed)
+        return self._generate_vllm(samples, contexts, n, seed)
 
     def _generate_vllm(self, samples, contexts, n: int, seed: int) -> list[Rollout]:
         from vllm import SamplingParams
@@ -93,35 +86,5 @@ class RolloutWorker:
             rollouts.append(self._rollout(sample, ctx.input_ids, list(c.token_ids), logprobs))
         return rollouts
 
-    def _generate_hf(self, samples, contexts, n: int, seed: int) -> list[Rollout]:
-        import torch
-
-        r, model = self.cfg.rollout, self._hf_model
-        rollouts = []
-        for s, ctx in zip(samples, contexts, strict=True):
-            for j in range(n):
-                torch.manual_seed(sample_seed(seed, s.id, j))
-                ids = torch.tensor([ctx.input_ids])
-                out = model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=ctx.pixel_values,
-                    image_grid_thw=ctx.image_grid_thw, do_sample=True, temperature=r.temperature, top_p=r.top_p,
-                    top_k=r.top_k if r.top_k > 0 else None, max_new_tokens=r.max_new_tokens,
-                    suppress_tokens=self._hf_banned, output_logits=True, return_dict_in_generate=True,
-                )  # fmt: skip
-                completion = out.sequences[0, ids.shape[1] :].tolist()
-                raw = torch.stack(out.logits, dim=1)[0].float().log_softmax(-1)  # temperature-1 policy
-                logprobs = raw.gather(1, torch.tensor(completion)[:, None])[:, 0].tolist()
-                rollouts.append(self._rollout(s, ctx.input_ids, completion, logprobs))
-        return rollouts
-
     def _rollout(self, sample: Sample, prompt_ids: list[int], completion: list[int], logprobs) -> Rollout:
-        stopped = bool(completion) and completion[-1] in self.eos_ids
-        return Rollout(
-            sample_id=sample.id,
-            prompt_ids=list(prompt_ids),
-            completion_ids=completion,
-            logprobs=list(logprobs),
-            text=self.tokenizer.decode(completion, skip_special_tokens=False),
-            version=self.version,
-            finish_reason="stop" if stopped else "length",
-        )
+        return make_rollout(sample.id, prompt_ids, completion, logprobs, self.tokenizer, self.version)

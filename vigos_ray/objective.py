@@ -1,0 +1,205 @@
+"""Which teacher scores which tokens of a rollout, in which context, with which divergence (SPEC §5, §6).
+
+An objective is a tuple of segments. `plan_batch` turns rollouts and their spans into the rows each teacher must
+score and the one student row per rollout; `student_loss` computes the weighted sum of pooled segment means from
+the student's hidden states and the teachers' targets. The single-process step and the distributed learner both
+go through these two functions, so they compute the same loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vigos_ray.config import Config, LossConfig
+from vigos_ray.data import Sample
+from vigos_ray.losses import DivergenceKind, DivergenceSpec, pooled_mean, token_losses
+from vigos_ray.prompts import EncodedContext, encode, student_text, teacher_texts
+from vigos_ray.scoring import concat_targets, hidden_at
+from vigos_ray.types import Rollout, ScoreRow, Spans, TeacherTargets
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str  # perception | reasoning | reference (vigos); privileged (opsd); external (distill)
+    teacher: str  # the pool that scores it: perception | reasoning | reference
+    context: str  # the context the teacher reads: perception | reasoning | reference | student
+    kind: DivergenceKind
+    weight: float
+
+
+def segments(cfg: LossConfig) -> tuple[Segment, ...]:
+    """The objective's segments. `loss.divergence=kl` keeps each segment's own direction (SPEC §5); `jsd` and
+    `sampled_rkl` replace it for every segment."""
+    if cfg.objective == "vigos":
+        base = (
+            Segment("perception", "perception", "perception", "forward", cfg.perception_weight),
+            Segment("reasoning", "reasoning", "reasoning", "forward", cfg.reasoning_weight),
+            Segment("reference", "reference", "reference", "reverse", cfg.reference_weight),
+        )
+    elif cfg.objective == "opsd":  # the privileged full-format teacher (the reference context) on every token
+        base = (Segment("privileged", "reference", "reference", "forward", 1.0),)
+    else:  # an external teacher reading the student's own context on every token (on-policy distillation)
+        base = (Segment("external", "reference", "student", "reverse", 1.0),)
+    override = {"kl": None, "jsd": "jsd", "sampled_rkl": "sampled"}[cfg.divergence]
+    if override is None:
+        return base
+    return tuple(Segment(s.name, s.teacher, s.context, override, s.weight) for s in base)
+
+
+def divergence_spec(segment: Segment, cfg: LossConfig) -> DivergenceSpec:
+    return DivergenceSpec(segment.kind, cfg.jsd_beta, cfg.temperature, cfg.clip_mode, cfg.clip)
+
+
+def segment_positions(segment: Segment, spans: Spans) -> tuple[int, ...]:
+    """Completion positions the segment supervises in one rollout (SPEC §4)."""
+    if segment.name == "perception":
+        return spans.description
+    if segment.name == "reasoning":
+        return spans.reasoning
+    if segment.name == "reference":
+        return spans.reference  # empty for valid rows: the reference teacher sees invalid rows only
+    return tuple(range(spans.length))  # privileged / external: every completion token, EOS included
+
+
+def _continuation(segment: Segment, spans: Spans, cfg: LossConfig) -> tuple[int, int]:
+    """The completion slice [start, stop) that follows the teacher's context: no token beyond what is scored."""
+    if segment.context == "perception":
+        return 0, spans.description_end
+    if segment.context == "reasoning" and not cfg.rea_teacher_sees_description:
+        return spans.think_start, spans.answer_end
+    if segment.context == "reasoning":
+        return 0, spans.answer_end
+    return 0, spans.length
+
+
+@dataclass
+class BatchPlan:
+    """Everything the teachers and the learner need for one batch of rollouts.
+
+    teacher_rows[segment] lists the rows to score, and row_rollout[segment] the rollout index of each; positions
+    [segment][i] are the supervised completion positions of rollout i; student_rows[i] scores, for rollout i, the
+    sorted union of its positions over all segments.
+    """
+
+    segments: tuple[Segment, ...]
+    positions: dict[str, list[tuple[int, ...]]]
+    teacher_rows: dict[str, list[ScoreRow]] = field(default_factory=dict)
+    row_rollout: dict[str, list[int]] = field(default_factory=dict)
+    student_rows: list[ScoreRow] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)
+
+    def union_positions(self, i: int) -> list[int]:
+        return sorted({t for seg in self.segments for t in self.positions[seg.name][i]})
+
+    def counts(self) -> dict[str, int]:
+        return {name: sum(len(p) for p in per_rollout) for name, per_rollout in self.positions.items()}
+
+
+def _row(context: EncodedContext, completion: list[int], start: int, stop: int, positions) -> ScoreRow:
+    n = len(context.input_ids)
+    return ScoreRow(
+        input_ids=context.input_ids + completion[start:stop],
+        pixel_values=context.pixel_values,
+        image_grid_thw=context.image_grid_thw,
+        scored=tuple(n + t - start for t in positions),
+    )
+
+
+def plan_batch(
+    processor, samples: Mapping[str, Sample], rollouts: Sequence[Rollout], spans: Sequence[Spans], cfg: Config
+) -> BatchPlan:
+    """Rows for each teacher (only rollouts with tokens in its segment) and one student row per rollout."""
+    segs = segments(cfg.loss)
+    plan = BatchPlan(segs, positions={s.name: [segment_positions(s, sp) for sp in spans] for s in segs})
+    contexts: dict[tuple[str, str], EncodedContext] = {}  # (sample id, context): encoded once per sample
+
+    def context(sample: Sample, name: str) -> EncodedContext:
+        if (sample.id, name) not in contexts:
+            if name == "student":
+                text = student_text(processor, sample.problem, cfg.prompts)
+            else:
+                sees = cfg.loss.rea_teacher_sees_description
+                text = teacher_texts(processor, sample.problem, sample.answer, cfg.prompts, sees)[name]
+            contexts[sample.id, name] = encode(processor, text, sample.image)
+        return contexts[sample.id, name]
+
+    for i, (rollout, sp) in enumerate(zip(rollouts, spans, strict=True)):
+        sample = samples[rollout.sample_id]
+        completion = list(rollout.completion_ids)
+        plan.completion_ids.append(completion)
+        student = context(sample, "student")
+        if student.input_ids != list(rollout.prompt_ids):
+            raise ValueError(
+                f"rollout of {rollout.sample_id} was sampled from a different student context than "
+                "prompts.student renders now; were the templates or the processor changed mid-run?"
+            )
+        for seg in segs:
+            pos = plan.positions[seg.name][i]
+            if pos:
+                row = _row(context(sample, seg.context), completion, *_continuation(seg, sp, cfg.loss), pos)
+                plan.teacher_rows.setdefault(seg.name, []).append(row)
+                plan.row_rollout.setdefault(seg.name, []).append(i)
+        union = plan.union_positions(i)
+        plan.student_rows.append(_row(student, completion, 0, (union[-1] + 1) if union else 0, union))
+    return plan
+
+
+@dataclass(frozen=True)
+class SegmentStats:
+    loss: float  # this rank's pooled share (the term before its weight)
+    divergence: float  # mean unclipped divergence over this rank's tokens
+    clipped: float  # fraction of this rank's tokens whose divergence exceeded loss.clip
+    tokens: int  # this rank's tokens
+
+
+def student_loss(
+    student,
+    plan: BatchPlan,
+    targets: Mapping[str, Sequence[TeacherTargets]],
+    cfg: Config,
+    vocab_size: int,
+    teacher_heads: Mapping[str, torch.Tensor] | None = None,
+    global_counts: Mapping[str, int] | None = None,
+    world_size: int = 1,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, dict[str, SegmentStats]]:
+    """Weighted sum of the pooled segment losses for this rank's rollouts (differentiable), and per-segment stats.
+
+    targets[segment] lines up with plan.teacher_rows[segment]; teacher_heads[segment] is that teacher's frozen
+    output head (hidden payloads); global_counts are the segment token counts over all ranks (default: this rank's).
+    """
+    counts = plan.counts()
+    global_counts = dict(global_counts) if global_counts is not None else counts
+    head = student.get_output_embeddings().weight
+    hidden = hidden_at(student, plan.student_rows, cfg.learner.micro_token_budget, pad_id)
+    # Zero times every hidden state: a rank whose rows supervise nothing still joins the backward (FSDP needs it).
+    total = head.new_zeros((), dtype=torch.float32) + 0.0 * sum(h.sum() for h in hidden)
+    stats: dict[str, SegmentStats] = {}
+    for seg in plan.segments:
+        rows = plan.row_rollout.get(seg.name, [])
+        if not rows:
+            stats[seg.name] = SegmentStats(0.0, 0.0, 0.0, 0)
+            continue
+        h_s, target_ids = [], []
+        for i in rows:
+            where = {t: k for k, t in enumerate(plan.union_positions(i))}
+            pos = plan.positions[seg.name][i]
+            h_s.append(hidden[i][[where[t] for t in pos]])
+            target_ids.extend(plan.completion_ids[i][t] for t in pos)
+        teacher = concat_targets(targets[seg.name])
+        token_loss, divergence = token_losses(
+            torch.cat(h_s), head, teacher, torch.tensor(target_ids, device=head.device), divergence_spec(seg, cfg.loss),
+            vocab_size, (teacher_heads or {}).get(seg.name), cfg.loss.chunk_tokens,
+        )  # fmt: skip
+        term = pooled_mean(token_loss, global_counts[seg.name], world_size)
+        total = total + seg.weight * term
+        stats[seg.name] = SegmentStats(
+            loss=float(term.detach()),
+            divergence=float(divergence.mean()),
+            clipped=float((divergence > cfg.loss.clip).float().mean()) if cfg.loss.clip_mode != "none" else 0.0,
+            tokens=int(divergence.numel()),
+        )
+    return total, stats
