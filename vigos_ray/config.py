@@ -101,6 +101,8 @@ class PromptConfig:
             _require("{answer}" in text, f"prompts.{name}", "must contain the {answer} placeholder")
         _require("{answer}" not in self.student, "prompts.student", "must not show the {answer} to the student")
         _require("{answer}" not in self.perception, "prompts.perception", "must not show the {answer}")
+        # The reasoning teacher's context resumes inside the student's completion right after this tag.
+        _require(self.reasoning_prefill.endswith("<think>"), "prompts.reasoning_prefill", "must end with <think>")
 
 
 @dataclass

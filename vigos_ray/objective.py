@@ -108,38 +108,57 @@ def _row(context: EncodedContext, completion: list[int], start: int, stop: int, 
     )
 
 
+class ContextCache:
+    """Each (sample, context) encoded once: image processing and tokenization are the costly part of planning."""
+
+    def __init__(self, processor, cfg: Config):
+        self.processor, self.cfg = processor, cfg
+        self._cache: dict[tuple[str, str, int], EncodedContext] = {}
+
+    def get(self, sample: Sample, name: str, trim: int = 0) -> EncodedContext:
+        """The encoded context `name` of `sample`, with its last `trim` characters (part of a tag) left out."""
+        key = (sample.id, name, trim)
+        if key not in self._cache:
+            if name == "student":
+                text = student_text(self.processor, sample.problem, self.cfg.prompts)
+            else:
+                sees = self.cfg.loss.rea_teacher_sees_description
+                text = teacher_texts(self.processor, sample.problem, sample.answer, self.cfg.prompts, sees)[name]
+            self._cache[key] = encode(self.processor, text[: len(text) - trim], sample.image)
+        return self._cache[key]
+
+
+def teacher_row(contexts: ContextCache, segment: Segment, sample: Sample, completion: list[int], spans: Spans):
+    """The row `segment`'s teacher scores for one rollout, or None when the segment has no token in it."""
+    positions = segment_positions(segment, spans)
+    if not positions:
+        return None
+    start, stop = _continuation(segment, spans, contexts.cfg.loss)
+    resumes_in_think = segment.context == "reasoning" and start == spans.think_start
+    context = contexts.get(sample, segment.context, trim=spans.think_overlap if resumes_in_think else 0)
+    return _row(context, completion, start, stop, positions)
+
+
 def plan_batch(
     processor, samples: Mapping[str, Sample], rollouts: Sequence[Rollout], spans: Sequence[Spans], cfg: Config
 ) -> BatchPlan:
     """Rows for each teacher (only rollouts with tokens in its segment) and one student row per rollout."""
     segs = segments(cfg.loss)
     plan = BatchPlan(segs, positions={s.name: [segment_positions(s, sp) for sp in spans] for s in segs})
-    contexts: dict[tuple[str, str], EncodedContext] = {}  # (sample id, context): encoded once per sample
-
-    def context(sample: Sample, name: str) -> EncodedContext:
-        if (sample.id, name) not in contexts:
-            if name == "student":
-                text = student_text(processor, sample.problem, cfg.prompts)
-            else:
-                sees = cfg.loss.rea_teacher_sees_description
-                text = teacher_texts(processor, sample.problem, sample.answer, cfg.prompts, sees)[name]
-            contexts[sample.id, name] = encode(processor, text, sample.image)
-        return contexts[sample.id, name]
-
+    contexts = ContextCache(processor, cfg)
     for i, (rollout, sp) in enumerate(zip(rollouts, spans, strict=True)):
         sample = samples[rollout.sample_id]
         completion = list(rollout.completion_ids)
         plan.completion_ids.append(completion)
-        student = context(sample, "student")
+        student = contexts.get(sample, "student")
         if student.input_ids != list(rollout.prompt_ids):
             raise ValueError(
                 f"rollout of {rollout.sample_id} was sampled from a different student context than "
                 "prompts.student renders now; were the templates or the processor changed mid-run?"
             )
         for seg in segs:
-            pos = plan.positions[seg.name][i]
-            if pos:
-                row = _row(context(sample, seg.context), completion, *_continuation(seg, sp, cfg.loss), pos)
+            row = teacher_row(contexts, seg, sample, completion, sp)
+            if row is not None:
                 plan.teacher_rows.setdefault(seg.name, []).append(row)
                 plan.row_rollout.setdefault(seg.name, []).append(i)
         union = plan.union_positions(i)

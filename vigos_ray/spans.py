@@ -1,8 +1,10 @@
 """Parse a completion's token ids into the ViGOS segments and decide its validity (SPEC §4).
 
 The completion is mapped to its exact bytes token by token (byte-level BPE decodes each token to bytes with no
-context), tags are searched in those bytes, and byte positions are mapped back to token indices. A token that
-straddles a tag boundary belongs to neither neighbouring segment, so no segment ever holds a piece of a tag.
+context), tags are searched in those bytes, and byte positions are mapped back to token indices. A segment never holds a
+token that carries the start of the tag closing it (`.</` before `description>`); a token that carries the end
+of `<think>` and the first reasoning bytes (`>The`) opens the reasoning, and `Spans.think_overlap` counts its tag
+bytes, so the reasoning teacher's prefill can leave them out.
 
 Searching bytes instead of matching the tag's token ids is deliberate: a tag can be tokenized differently in
 different places (`</description>` after a space or a newline), and id matching then finds a *later* occurrence
@@ -98,12 +100,9 @@ class _ByteView:
         """Index of the token holding `byte` (the first token whose end lies beyond it)."""
         return bisect.bisect_right(self.ends, byte)
 
-    def first_token_starting_at_or_after(self, byte: int) -> int:
-        return bisect.bisect_left(self.starts, byte)
-
-    def tokens_within(self, lo: int, hi: int) -> list[int]:
-        """Tokens lying entirely inside bytes [lo, hi)."""
-        return [t for t in range(self.first_token_starting_at_or_after(lo), len(self.starts)) if self.ends[t] <= hi]
+    def content_tokens(self, lo: int, hi: int) -> list[int]:
+        """Tokens holding content of bytes [lo, hi) and nothing at or beyond `hi` (a token may start before `lo`)."""
+        return [t for t in range(self.first_token_ending_after(lo), len(self.starts)) if self.ends[t] <= hi]
 
 
 def _closing_brace(data: bytes, start: int) -> int:
@@ -160,7 +159,9 @@ def parse_completion(completion_ids: list[int], tokenizer, convention: SpanConve
     skip = {t for t in range(end) if ids[t] in table.eos_ids or ids[t] == table.pad_id}  # never supervised text
     description_end = view.first_token_ending_after(dc)
     description = tuple(t for t in range(description_end) if t not in skip)
-    think_start = view.first_token_starting_at_or_after(to + len(THINK_OPEN))
+    # A token that carries the end of `<think>` and the first reasoning bytes (">The") belongs to the reasoning.
+    think_start = view.first_token_ending_after(to + len(THINK_OPEN))
+    think_overlap = max(0, to + len(THINK_OPEN) - view.starts[think_start]) if think_start < end else 0
     answer_end = view.first_token_ending_after(close) + 1
     # Validity is format only and the same under both conventions: SPEC §4 counts tokens in [to.end, bx.end).
     reasoning = tuple(t for t in range(think_start, answer_end) if t not in skip)
@@ -169,7 +170,7 @@ def parse_completion(completion_ids: list[int], tokenizer, convention: SpanConve
     if not reasoning:
         return invalid("empty reasoning")
     if convention == "paper":  # the reasoning text and the answer inside the box, no delimiters
-        reasoning = tuple(view.tokens_within(to + len(THINK_OPEN), tc) + view.tokens_within(content_start, close))
+        reasoning = tuple(view.content_tokens(to + len(THINK_OPEN), tc) + view.content_tokens(content_start, close))
     return Spans(
         valid=True,
         reason="",
@@ -178,6 +179,7 @@ def parse_completion(completion_ids: list[int], tokenizer, convention: SpanConve
         reasoning=reasoning,
         description_end=description_end,
         think_start=think_start,
+        think_overlap=think_overlap,
         answer_end=answer_end,
         answer=data[content_start:close].decode("utf-8", errors="replace"),
     )

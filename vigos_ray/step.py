@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from vigos_ray.config import Config
 from vigos_ray.data import Sample
 from vigos_ray.models import sampling_token_ids

@@ -30,7 +30,8 @@ class Spans:
     reasoning: tuple[int, ...] = ()  # T_ra: scored by the reasoning teacher (valid rows)
     reference: tuple[int, ...] = ()  # every token of an invalid row: scored by the reference teacher
     description_end: int = 0  # first token holding `</description>`: the perception context stops here
-    think_start: int = 0  # first token after `<think>`: the reasoning context resumes here
+    think_start: int = 0  # first token holding reasoning bytes after `<think>`: the reasoning context resumes here
+    think_overlap: int = 0  # bytes of `<think>` inside that token (`>The` holds 1): trimmed from the prefill
     answer_end: int = 0  # one past the token closing `\boxed{...}`
     answer: str | None = None  # the text inside the box
 
