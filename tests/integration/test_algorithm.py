@@ -123,9 +123,9 @@ def full_forward_logprobs(model, row):
 
 @pytest.mark.parametrize("payload", ["sampled", "topk", "hidden"])
 def test_batched_teacher_targets_line_up_with_single_sequence_forwards(samples, processor, teacher, payload):
-    cfg = config("loss.objective=opsd")
-    _, _, plan = planned(samples, processor, cfg)
-    rows = plan.teacher_rows["privileged"]
+    _, _, plan = planned(samples, processor, config())
+    rows = [row for name in ("perception", "reasoning", "reference") for row in plan.teacher_rows[name]]
+    rows += plan.student_rows  # the student's own context, as the learner and the distill teacher read it
     vocab = len(processor.tokenizer)
     budget = 2 * max(len(r.input_ids) for r in rows)  # two rows per forward, padded to the longer
     targets = teacher_targets(teacher, rows, payload, vocab, budget, topk=5, pad_id=processor.tokenizer.pad_token_id)
