@@ -47,7 +47,9 @@ def encode(processor, text: str, image: Image.Image | None) -> EncodedContext:
     )
 
 
-def teacher_texts(processor, problem: str, answer: str, prompts: PromptConfig, sees_description: bool) -> dict:
+def teacher_texts(
+    processor, problem: str, answer: str, prompts: PromptConfig, sees_description: bool
+) -> dict[str, str]:
     """Rendered contexts of the three teachers (SPEC §5), keyed by teacher role, each ending where the
     completion tokens take over. The reasoning context is prefilled with `<think>`, or, when the reasoning teacher
     sees the description (paper Eq. 15), with the student's prefill so the whole completion follows."""
