@@ -1,0 +1,44 @@
+"""Teacher worker: a frozen model of one role (perception, reasoning, reference) scoring rows (SPEC §5, §7).
+
+A plain class; launch code wraps it with `ray.remote` into the role's pool. It loads `teachers.<role>.checkpoint`,
+or the student's initial weights when that is empty, never receives weight updates, and ships only the
+configured payload for the scored positions of each row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from vigos_ray.config import Config
+from vigos_ray.models import check_model_folder, load_model, load_processor
+from vigos_ray.scoring import output_head, teacher_targets
+from vigos_ray.types import ScoreRow, TeacherTargets
+
+
+class TeacherWorker:
+    def __init__(self, cfg: Config, model_path: str | Path, role: str, worker_index: int = 0):
+        self.cfg, self.role, self.worker_index = cfg, role, worker_index
+        self.pool = cfg.teachers.pools()[role]
+        path = Path(self.pool.checkpoint).expanduser() if self.pool.checkpoint else Path(model_path)
+        if self.pool.checkpoint:
+            check_model_folder(path, key=f"teachers.{role}.checkpoint")
+        self.model = load_model(path, cfg.model.dtype)
+        self.model.requires_grad_(False)
+        tokenizer = load_processor(path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
+        self.vocab_size, self.pad_id = len(tokenizer), tokenizer.pad_token_id or 0
+
+    def score(self, rows: list[ScoreRow]) -> list[TeacherTargets]:
+        """Targets for each row's scored tokens, in row order, in `teachers.payload`."""
+        t = self.cfg.teachers
+        return teacher_targets(
+            self.model, rows, t.payload, self.vocab_size, self.pool.token_budget, t.topk,
+            self.cfg.loss.temperature, self.pad_id, self.cfg.loss.chunk_tokens,
+        )  # fmt: skip
+
+    def head_checksum(self) -> str:
+        """SHA-256 of the output head's bytes: a `hidden` payload is only meaningful against this exact head."""
+        head = output_head(self.model).detach().contiguous().to(torch.float32)
+        return hashlib.sha256(head.numpy().tobytes()).hexdigest()
