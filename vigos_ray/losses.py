@@ -77,7 +77,7 @@ def token_divergence(
     return entries.sum(-1)
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """Half-precision logits go to float32 for the softmax; float32 and float64 stay as they are."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
@@ -96,23 +96,23 @@ def _chunk_losses(
     t_token: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, divergence) for one chunk of tokens; see `token_losses`."""
-    s_logits = _upcast(h_s @ student_head[:vocab_size].T) / spec.temperature
+    s_logits = upcast(h_s @ student_head[:vocab_size].T) / spec.temperature
     s_lp = F.log_softmax(s_logits, dim=-1)
     if spec.kind == "sampled":
         lp = s_lp.gather(1, targets[:, None])[:, 0]
-        log_ratio = lp - _upcast(t_token)  # per-token estimate of KL(p||q)
+        log_ratio = lp - upcast(t_token)  # per-token estimate of KL(p||q)
         advantage = -log_ratio.detach()
         if spec.clip_mode == "token":
             advantage = advantage.clamp(-spec.clip, spec.clip)
         return -advantage * lp, log_ratio.detach()
     if t_hidden is not None:
-        t_logits = _upcast(t_hidden.to(teacher_head.dtype) @ teacher_head[:vocab_size].T) / spec.temperature
+        t_logits = upcast(t_hidden.to(teacher_head.dtype) @ teacher_head[:vocab_size].T) / spec.temperature
         t_lp = F.log_softmax(t_logits, dim=-1)
     else:  # top-k support plus one bucket for all other ids
         s_in = s_lp.gather(1, t_ids)
         s_tail = torch.logsumexp(s_lp.scatter(1, t_ids, float("-inf")), dim=-1, keepdim=True)
         s_lp = torch.cat([s_in, s_tail], dim=1)
-        t_lp = torch.cat([_upcast(t_lp_k), _upcast(t_tail)[:, None]], dim=1)
+        t_lp = torch.cat([upcast(t_lp_k), upcast(t_tail)[:, None]], dim=1)
     entries = divergence_entries(s_lp, t_lp, spec.kind, spec.beta)
     divergence = entries.sum(-1)
     if spec.clip_mode == "entry":
@@ -156,7 +156,7 @@ def token_losses(
         losses.append(loss)
         divergences.append(div)
     if not losses:
-        empty = _upcast(student_hidden.new_zeros(0))
+        empty = upcast(student_hidden.new_zeros(0))
         return empty + 0.0 * student_hidden.sum(), empty
     return torch.cat(losses), torch.cat(divergences)
 

@@ -81,7 +81,7 @@ class BatchPlan:
 
     teacher_rows[segment] lists the rows to score, and row_rollout[segment] the rollout index of each; positions
     [segment][i] are the supervised completion positions of rollout i; student_rows[i] scores, for rollout i, the
-    sorted union of its positions over all segments.
+    sorted union of its positions over all segments, which union[i] lists.
     """
 
     segments: tuple[Segment, ...]
@@ -90,9 +90,7 @@ class BatchPlan:
     row_rollout: dict[str, list[int]] = field(default_factory=dict)
     student_rows: list[ScoreRow] = field(default_factory=list)
     completion_ids: list[list[int]] = field(default_factory=list)
-
-    def union_positions(self, i: int) -> list[int]:
-        return sorted({t for seg in self.segments for t in self.positions[seg.name][i]})
+    union: list[list[int]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {name: sum(len(p) for p in per_rollout) for name, per_rollout in self.positions.items()}
@@ -161,7 +159,8 @@ def plan_batch(
             if row is not None:
                 plan.teacher_rows.setdefault(seg.name, []).append(row)
                 plan.row_rollout.setdefault(seg.name, []).append(i)
-        union = plan.union_positions(i)
+        union = sorted({t for seg in segs for t in plan.positions[seg.name][i]})
+        plan.union.append(union)
         plan.student_rows.append(_row(student, completion, 0, (union[-1] + 1) if union else 0, union))
     return plan
 
@@ -197,6 +196,7 @@ def student_loss(
     # Zero times every hidden state: a rank whose rows supervise nothing still joins the backward (FSDP needs it).
     total = head.new_zeros((), dtype=torch.float32) + 0.0 * sum(h.sum() for h in hidden)
     stats: dict[str, SegmentStats] = {}
+    where = [{t: k for k, t in enumerate(union)} for union in plan.union]  # completion position -> hidden row
     for seg in plan.segments:
         rows = plan.row_rollout.get(seg.name, [])
         if not rows:
@@ -204,9 +204,8 @@ def student_loss(
             continue
         h_s, target_ids = [], []
         for i in rows:
-            where = {t: k for k, t in enumerate(plan.union_positions(i))}
             pos = plan.positions[seg.name][i]
-            h_s.append(hidden[i][[where[t] for t in pos]])
+            h_s.append(hidden[i][[where[i][t] for t in pos]])
             target_ids.extend(plan.completion_ids[i][t] for t in pos)
         teacher = concat_targets(targets[seg.name])
         token_loss, divergence = token_losses(

@@ -95,7 +95,7 @@ def palr(
     )
     table = TokenTable.for_tokenizer(processor.tokenizer)
     by_id = {s.id: s for s in samples}
-    order = [s.id for s in samples]
+    following = {s.id: samples[(k + 1) % len(samples)] for k, s in enumerate(samples)}  # counterfactual images
     spans = [parse_completion(r.completion_ids, table, cfg.loss.span_convention) for r in rollouts]
     kept = [(r, sp) for r, sp in zip(rollouts, spans, strict=True) if sp.valid]
     plan = plan_batch(processor, by_id, [r for r, _ in kept], [sp for _, sp in kept], cfg)
@@ -105,8 +105,8 @@ def palr(
     groups: dict[str, list[tuple[torch.Tensor, ...]]] = {"description": [], "reasoning": [], "response": []}
     for i, (rollout, sp) in enumerate(kept):
         sample = by_id[rollout.sample_id]
-        other = by_id[order[(order.index(sample.id) + 1) % len(order)]]
-        where = {t: k for k, t in enumerate(plan.union_positions(i))}
+        other = following[sample.id]
+        where = {t: k for k, t in enumerate(plan.union[i])}
         by_position: dict[int, torch.Tensor] = {}  # completion position -> (s, c_A, c_I) under its active teacher
         for seg in segs:
             positions = segment_positions(seg, sp)

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from vigos_ray.config import Config
+from vigos_ray.losses import upcast
 from vigos_ray.types import ScoreRow, TeacherTargets
 
 Payload = Literal["hidden", "topk", "sampled"]
@@ -99,11 +101,17 @@ def teacher_targets(
     return out
 
 
-def _payload_chunk(h, targets, head, payload: Payload, topk: int, temperature: float) -> TeacherTargets:
-    logits = h @ head.T
-    lp = F.log_softmax(
-        (logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits) / temperature, dim=-1
+def pool_targets(model, rows: Sequence[ScoreRow], cfg: Config, role: str, vocab_size: int, pad_id: int):
+    """`teacher_targets` with the payload, budget and temperature that `cfg` sets for the pool of `role`."""
+    t = cfg.teachers
+    budget = t.pools()[role].token_budget
+    return teacher_targets(
+        model, rows, t.payload, vocab_size, budget, t.topk, cfg.loss.temperature, pad_id, cfg.loss.chunk_tokens
     )
+
+
+def _payload_chunk(h, targets, head, payload: Payload, topk: int, temperature: float) -> TeacherTargets:
+    lp = F.log_softmax(upcast(h @ head.T) / temperature, dim=-1)
     if payload == "sampled":
         return TeacherTargets("sampled", token_logprobs=lp.gather(1, targets[:, None])[:, 0])
     top_lp, top_ids = lp.topk(min(topk, head.shape[0]), dim=-1)

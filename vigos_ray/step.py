@@ -15,7 +15,7 @@ from vigos_ray.data import Sample
 from vigos_ray.models import sampling_token_ids
 from vigos_ray.objective import BatchPlan, SegmentStats, plan_batch, student_loss
 from vigos_ray.sampling import banned_rows, hf_rollouts
-from vigos_ray.scoring import output_head, teacher_targets
+from vigos_ray.scoring import output_head, pool_targets
 from vigos_ray.spans import TokenTable, parse_completion
 from vigos_ray.types import Rollout, Spans, TeacherTargets
 
@@ -35,11 +35,9 @@ def score_plan(teachers: Mapping[str, object], plan: BatchPlan, cfg: Config, voc
     targets = {}
     for seg in plan.segments:
         rows = plan.teacher_rows.get(seg.name, [])
-        pool = cfg.teachers.pools()[seg.teacher]
-        targets[seg.name] = teacher_targets(
-            teachers[seg.teacher], rows, cfg.teachers.payload, vocab_size, pool.token_budget, cfg.teachers.topk,
-            cfg.loss.temperature, pad_id, cfg.loss.chunk_tokens,
-        ) if rows else []  # fmt: skip
+        targets[seg.name] = (
+            pool_targets(teachers[seg.teacher], rows, cfg, seg.teacher, vocab_size, pad_id) if rows else []
+        )
     return targets
 
 

@@ -83,8 +83,7 @@ class RolloutWorker:
             logprobs = [step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids, strict=True)]
             if list(out.prompt_token_ids) != ctx.input_ids:
                 raise RuntimeError(f"vLLM encoded the prompt of {sample.id} differently from the processor")
-            rollouts.append(self._rollout(sample, ctx.input_ids, list(c.token_ids), logprobs))
+            rollouts.append(
+                make_rollout(sample.id, ctx.input_ids, list(c.token_ids), logprobs, self.tokenizer, self.version)
+            )
         return rollouts
-
-    def _rollout(self, sample: Sample, prompt_ids: list[int], completion: list[int], logprobs) -> Rollout:
-        return make_rollout(sample.id, prompt_ids, completion, logprobs, self.tokenizer, self.version)

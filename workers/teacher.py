@@ -14,7 +14,7 @@ import torch
 
 from vigos_ray.config import Config
 from vigos_ray.models import check_model_folder, load_model, load_processor
-from vigos_ray.scoring import output_head, teacher_targets
+from vigos_ray.scoring import output_head, pool_targets
 from vigos_ray.types import ScoreRow, TeacherTargets
 
 
@@ -32,11 +32,7 @@ class TeacherWorker:
 
     def score(self, rows: list[ScoreRow]) -> list[TeacherTargets]:
         """Targets for each row's scored tokens, in row order, in `teachers.payload`."""
-        t = self.cfg.teachers
-        return teacher_targets(
-            self.model, rows, t.payload, self.vocab_size, self.pool.token_budget, t.topk,
-            self.cfg.loss.temperature, self.pad_id, self.cfg.loss.chunk_tokens,
-        )  # fmt: skip
+        return pool_targets(self.model, rows, self.cfg, self.role, self.vocab_size, self.pad_id)
 
     def head_checksum(self) -> str:
         """SHA-256 of the output head's bytes: a `hidden` payload is only meaningful against this exact head."""
