@@ -238,7 +238,7 @@ class LoraConfig:
 
 @dataclass
 class LearnerConfig:
-    workers: int = 1  # FSDP ranks
+    workers: int = 2  # FSDP ranks (2 on the CPU default, to run the sharded path for real)
     num_gpus: float = 0.0  # per rank
     num_cpus: float = 1.0
     prompts_per_step: int = 4
@@ -264,6 +264,18 @@ class LearnerConfig:
         _require(self.micro_token_budget >= 64, "learner.micro_token_budget", "must be >= 64")
         if self.num_gpus > 0:
             _require(self.num_gpus == int(self.num_gpus), "learner.num_gpus", "must be a whole number on GPUs")
+
+
+@dataclass
+class WeightSyncConfig:
+    # `collective`: broadcast over a gloo (CPU) process group of its own; `object_store`: Ray's object store.
+    transport: Literal["collective", "object_store"] = "collective"
+    bucket_mb: int = 256  # tensors are packed into buckets of about this size
+    timeout_s: float = 600.0  # a push that takes longer raises instead of hanging
+
+    def __post_init__(self) -> None:
+        _require(self.bucket_mb >= 1, "weight_sync.bucket_mb", f"must be >= 1 (got {self.bucket_mb})")
+        _require(self.timeout_s > 0, "weight_sync.timeout_s", f"must be > 0 (got {self.timeout_s})")
 
 
 @dataclass
@@ -298,8 +310,15 @@ class Config:
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
     def __post_init__(self) -> None:
+        rollouts = self.learner.prompts_per_step * self.rollout.samples_per_prompt
+        _require(
+            rollouts >= self.learner.workers,
+            "learner.prompts_per_step",
+            f"gives {rollouts} rollouts per step, fewer than learner.workers={self.learner.workers} ranks to feed",
+        )
         if self.loss.objective == "distill":
             _require(
                 bool(self.teachers.reference.checkpoint),

@@ -1,33 +1,38 @@
 """The ViGOS loop on Ray: prompts -> rollouts -> spans -> teacher targets -> train step -> weight push -> log.
 
-Today the loop runs its first stage for real (student rollouts from vLLM rollout actors on real easy-VQA
-prompts) and stops there, saying so; teachers, learner and weight push arrive with the pipeline issue (#4).
+Sync mode is strictly on-policy: a step's rollouts are sampled after the previous step's weights arrived. Async
+mode keeps up to `run.max_staleness` batches of rollouts in flight, sampled while earlier steps score and train;
+every rollout carries the version it was sampled with, and no step trains on a rollout older than the bound.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict
+from collections import deque
 from pathlib import Path
+
+from tqdm import tqdm
 
 from vigos_ray.config import Config, save_config
 from vigos_ray.data import PromptStream, read_files
 from vigos_ray.easyvqa import write_easyvqa_jsonl
+from vigos_ray.metrics import MetricsFile, step_record
 from vigos_ray.models import load_processor, resolve_model_path
+from vigos_ray.objective import plan_batch
+from vigos_ray.pipeline import Pipeline
 from vigos_ray.prompts import encode, student_text
+from vigos_ray.spans import TokenTable, parse_completion
 
 log = logging.getLogger(__name__)
 
 
-def prompt_stream(cfg: Config, model_path: Path, split: str = "train") -> PromptStream:
+def prompt_stream(cfg: Config, processor, split: str = "train") -> PromptStream:
     cache = Path(cfg.run.cache_dir)
     if cfg.data.source == "easyvqa":
         files = [str(write_easyvqa_jsonl(cache / "data", "train" if split == "train" else "test"))]
     else:
         files = cfg.data.train_files if split == "train" else cfg.data.eval_files
-    processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
     prompt_tokens = lambda s: len(encode(processor, student_text(processor, s.problem, cfg.prompts), s.image).input_ids)  # noqa: E731
     return PromptStream(
         read_files(files, cfg.data.limit), seed=cfg.run.seed, shuffle=cfg.data.shuffle,
@@ -37,37 +42,56 @@ def prompt_stream(cfg: Config, model_path: Path, split: str = "train") -> Prompt
 
 
 def run(cfg: Config) -> Path:
-    """Run the job described by `cfg`; returns the run directory."""
-    from workers.group import WorkerGroup
-    from workers.rollout import RolloutWorker
-
+    """Train for `run.steps` steps; returns the run directory (config, metrics.jsonl, final/ model folder)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     model_path = resolve_model_path(cfg.model, cfg.run.cache_dir, seed=cfg.run.seed).resolve()
-    prompts = prompt_stream(cfg, model_path)
-
-    t0 = time.perf_counter()
-    rollout = WorkerGroup(RolloutWorker, cfg.rollout.workers, cfg.rollout.num_cpus, cfg.rollout.num_gpus,
-                          args=(cfg, str(model_path)), name="rollout")  # fmt: skip
-    started = time.perf_counter() - t0
-
-    samples = prompts.next_batch(cfg.learner.prompts_per_step)
-    t0 = time.perf_counter()
-    rollouts = rollout.scatter("generate", samples, seed=cfg.run.seed)
-    elapsed = time.perf_counter() - t0
-    with (run_dir / "rollouts-step0.jsonl").open("w") as f:
-        for r in rollouts:
-            f.write(json.dumps(asdict(r)) + "\n")
-    tokens = sum(len(r.completion_ids) for r in rollouts)
-    log.info("rollout workers up in %.1f s; %d rollouts, %d tokens in %.2f s (%.1f tok/s)",
-             started, len(rollouts), tokens, elapsed, tokens / max(elapsed, 1e-9))  # fmt: skip
-    for r in rollouts[:2]:
-        log.info("sample %s (v%d, %s): %r", r.sample_id, r.version, r.finish_reason, r.text[:160])
-    log.warning(
-        "stopping after the rollout stage: teacher scoring, the learner and weight push are not built yet "
-        "(issue #4); no training happened. Rollouts written to %s",
-        run_dir / "rollouts-step0.jsonl",
-    )
-    rollout.shutdown()
+    processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
+    table = TokenTable.for_tokenizer(processor.tokenizer)
+    prompts = prompt_stream(cfg, processor)
+    pipe = Pipeline(cfg, model_path)
+    log.info("actors up and initial weights pushed in %.1f s", pipe.startup_s)
+    ahead = cfg.run.max_staleness if cfg.run.mode == "async" else 0
+    inflight: deque = deque()  # (samples, pending rollouts), oldest first
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    try:
+        for step in (bar := tqdm(range(cfg.run.steps), desc="train", unit="step")):
+            t0 = time.perf_counter()
+            while len(inflight) <= ahead and step + len(inflight) < cfg.run.steps:
+                samples = prompts.next_batch(cfg.learner.prompts_per_step)
+                inflight.append((samples, pipe.generate_async(samples, seed=cfg.run.seed * 1_000_003 + step)))
+            samples, pending = inflight.popleft()
+            rollouts = pending.result()
+            t_rollout = time.perf_counter()
+            check_staleness(rollouts, pipe.version, cfg.run.max_staleness if ahead else 0)
+            spans = [parse_completion(r.completion_ids, table, cfg.loss.span_convention) for r in rollouts]
+            plan = plan_batch(processor, {s.id: s for s in samples}, rollouts, spans, cfg)
+            t_plan = time.perf_counter()
+            targets, teacher_s = pipe.score(plan)
+            t_score = time.perf_counter()
+            ranks = pipe.train(plan, targets, [r.version for r in rollouts])
+            t_train = time.perf_counter()
+            push, _ = pipe.push_weights()
+            stages = {"rollout_wait": t_rollout - t0, "plan": t_plan - t_rollout, "teachers": t_score - t_plan,
+                      "learner": t_train - t_score, "push": time.perf_counter() - t_train}  # fmt: skip
+            seconds = time.perf_counter() - t0
+            record = step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teacher_s, seconds)
+            metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", valid=f"{record['valid_rate']:.2f}", v=record["version"])
+        final = pipe.export(run_dir / "final")
+        log.info("trained %d steps; model written to %s, metrics to %s", cfg.run.steps, final, metrics.path)
+    finally:
+        metrics.close()
+        pipe.shutdown()
     return run_dir
+
+
+def check_staleness(rollouts, learner_version: int, bound: int) -> None:
+    """Every rollout of the step was sampled at most `bound` versions before the learner's current one."""
+    for r in rollouts:
+        if not 0 <= learner_version - r.version <= bound:
+            raise RuntimeError(
+                f"rollout of {r.sample_id} has version {r.version}, learner is at {learner_version}: "
+                f"lag beyond run.max_staleness={bound}"
+            )

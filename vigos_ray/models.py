@@ -7,6 +7,7 @@ same outputs for images stands in.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -148,3 +149,50 @@ def completion_logprobs(model, context, completion_ids: list[int]):
         hidden = out.last_hidden_state[0, start : start + len(completion_ids)]
         logits = model.lm_head(hidden).float()
     return logits.log_softmax(-1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0]
+
+
+def tensor_checksum(t) -> str:
+    """SHA-256 of a tensor's float32 bytes: equal heads give equal checksums on every process."""
+    import torch
+
+    return hashlib.sha256(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def load_output_head(path: str | Path):
+    """The output head [V', d] of a checkpoint, read alone from its safetensors (the tied embedding if tied)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    config = check_model_folder(path, key="teachers.<role>.checkpoint")
+    tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
+    wanted = ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight") if tied else ("lm_head.weight",)
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in wanted:
+                if name in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                    return f.get_tensor(name).float()
+    raise ModelFolderError(f"{path} has none of {wanted} in its safetensors files; cannot read its output head")
+
+
+def write_model_folder(source: str | Path, weights: dict, out: Path) -> Path:
+    """A loadable Hugging Face folder at `out`: `source`'s config, tokenizer and processor files with `weights`.
+
+    Written into `out.tmp` and renamed into place, so `out` is either complete or absent.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for file in Path(source).iterdir():
+        weight_file = file.name.endswith((".safetensors", ".bin")) or file.name.endswith(".index.json")
+        if file.is_file() and not weight_file:
+            shutil.copy2(file, tmp / file.name)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in weights.items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,8 +1,46 @@
-"""A group of N identical Ray actors built from a plain worker class, with fan-out verbs named for what they do."""
+"""A group of N identical Ray actors built from a plain worker class, with fan-out verbs named for what they do.
+
+Verbs that end in `_async` return a `Pending` at once, so that a caller issues every stage's calls before it
+waits on any of them; the others wait (with the group's timeout, so a dead or hung actor raises, never hangs).
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass
+class Pending:
+    """Calls in flight: `refs` return lists to concatenate in order (`flat`) or one value each."""
+
+    refs: list
+    flat: bool
+    timeout_s: float
+
+    def result(self) -> list:
+        import ray
+
+        parts = ray.get(self.refs, timeout=self.timeout_s)
+        return [x for part in parts for x in part] if self.flat else parts
+
+
+def wait_all(pending: dict[str, Pending]) -> tuple[dict[str, list], dict[str, float]]:
+    """Results of several Pendings, and the seconds until each one had finished (from this call)."""
+    import ray
+
+    t0 = time.perf_counter()
+    left = {ref: name for name, p in pending.items() for ref in p.refs}
+    done_at = dict.fromkeys(pending, 0.0)
+    timeout = max((p.timeout_s for p in pending.values()), default=0.0)
+    while left:
+        ready, _ = ray.wait(list(left), num_returns=1, timeout=timeout)
+        if not ready:
+            raise TimeoutError(f"no result from {sorted(set(left.values()))} within {timeout:.0f} s")
+        done_at[left.pop(ready[0])] = time.perf_counter() - t0
+    return {name: p.result() for name, p in pending.items()}, done_at
 
 
 class WorkerGroup:
@@ -26,18 +64,39 @@ class WorkerGroup:
         refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
         return ray.get(refs, timeout=self.timeout_s)
 
-    def scatter(self, method: str, items: list, **kwargs) -> list:
-        """Split `items` into contiguous shards (one per actor), run `method(shard)` on each, concatenate."""
+    def call_all_async(self, method: str, *args, **kwargs) -> Pending:
+        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+        return Pending(refs, flat=False, timeout_s=self.timeout_s)
+
+    def call_each(self, method: str, per_actor: Sequence[Any]) -> list[Any]:
+        """`method(per_actor[i])` on actor i, for every actor; results in actor order."""
         import ray
 
-        n = len(self.actors)
-        bounds = [len(items) * i // n for i in range(n + 1)]
+        if len(per_actor) != len(self.actors):
+            raise ValueError(f"{len(per_actor)} arguments for {len(self.actors)} actors")
+        refs = [getattr(a, method).remote(x) for a, x in zip(self.actors, per_actor, strict=True)]
+        return ray.get(refs, timeout=self.timeout_s)
+
+    def scatter_async(self, method: str, items: Sequence, cost: Sequence[int] | None = None, **kwargs) -> Pending:
+        """Split `items` into contiguous shards of about equal total `cost` (default 1 each), one per actor."""
+        cost = list(cost) if cost is not None else [1] * len(items)
+        total, n = sum(cost), len(self.actors)
+        bounds, acc = [0], 0
+        for i, c in enumerate(cost):
+            acc += c
+            while len(bounds) < n and acc >= total * len(bounds) / n:
+                bounds.append(i + 1)
+        bounds += [len(items)] * (n + 1 - len(bounds))
         refs = [
-            getattr(a, method).remote(items[lo:hi], **kwargs)
+            getattr(a, method).remote(list(items[lo:hi]), **kwargs)
             for a, lo, hi in zip(self.actors, bounds, bounds[1:], strict=False)
             if hi > lo
         ]
-        return [x for part in ray.get(refs, timeout=self.timeout_s) for x in part]
+        return Pending(refs, flat=True, timeout_s=self.timeout_s)
+
+    def scatter(self, method: str, items: Sequence, cost: Sequence[int] | None = None, **kwargs) -> list:
+        """`scatter_async(...).result()`: the shards' results concatenated in item order."""
+        return self.scatter_async(method, items, cost, **kwargs).result()
 
     def shutdown(self) -> None:
         import ray

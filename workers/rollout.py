@@ -1,7 +1,8 @@
 """Rollout worker: samples student completions for image+question prompts (vLLM engine, or HF generate).
 
-A plain class; launch code wraps it with `ray.remote`. It holds policy version `version` and returns token ids,
-sampled log-probs and that version with every rollout.
+A plain class; launch code wraps it with `ray.remote`. It returns token ids, sampled log-probs and the policy
+version of its weights with every rollout. A new (or restarted) worker is stale: it refuses to sample until the
+learner has pushed it weights, so it never samples from weights nobody asked for.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from vigos_ray.models import load_model, load_processor, sampling_token_ids
 from vigos_ray.prompts import encode, student_text
 from vigos_ray.sampling import banned_rows, hf_rollouts, make_rollout, sample_seed
 from vigos_ray.types import Rollout
+from vigos_ray.weight_sync import TensorSpec, receive, sync_group
+
+
+class StaleWeightsError(RuntimeError):
+    """A rollout worker was asked to sample before it received the learner's weights."""
 
 
 class RolloutWorker:
@@ -23,7 +29,8 @@ class RolloutWorker:
         self.processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
         self.tokenizer = self.processor.tokenizer
         self.allowed_ids = sampling_token_ids(self.tokenizer)
-        self.version = 0  # the initial weights, loaded from model_path
+        self.version: int | None = None  # stale until the first push, even though model_path is loaded
+        self._sync = None
         self._engine = self._start_vllm() if cfg.rollout.backend == "vllm" else None
         self._hf_model = load_model(model_path, cfg.model.dtype) if cfg.rollout.backend == "hf" else None
         if self._hf_model is not None:  # HF bans by listing what may not be sampled
@@ -54,6 +61,10 @@ class RolloutWorker:
 
     def generate(self, samples: list[Sample], seed: int) -> list[Rollout]:
         """`rollout.samples_per_prompt` completions per sample, in sample order; `seed` makes them reproducible."""
+        if self.version is None:
+            raise StaleWeightsError(
+                f"rollout worker {self.worker_index} has not received the learner's weights yet; push weights first"
+            )
         if self._engine is None:
             return hf_rollouts(self._hf_model, self.processor, samples, self.cfg, seed, self._hf_banned, self.version)
         n = self.cfg.rollout.samples_per_prompt
@@ -87,3 +98,42 @@ class RolloutWorker:
                 make_rollout(sample.id, ctx.input_ids, list(c.token_ids), logprobs, self.tokenizer, self.version)
             )
         return rollouts
+
+    # ---- weights ---------------------------------------------------------------------------------------------
+
+    def open_sync_group(self, host: str, port: int, world_size: int) -> None:
+        """Join the weight-push group as rank 1 + worker_index (learner rank 0 is rank 0)."""
+        self._sync = sync_group(host, port, 1 + self.worker_index, world_size)
+
+    def receive_weights(self, version: int, specs: list[TensorSpec], transport: str, bucket_bytes: int,
+                        refs: list | None = None, expected: str = "") -> dict:  # fmt: skip
+        """Receive a push, verify its checksum, load it into the engine, reset caches; returns what arrived."""
+        import time
+
+        t0 = time.perf_counter()
+        self.version = None  # stale until the new weights are verified and loaded
+        named, checksum, nbytes = receive(specs, bucket_bytes, transport, self._sync, refs or [], expected)
+        received = time.perf_counter() - t0
+        if self._engine is not None:
+            # vLLM's loader maps checkpoint names and repacks for its kernels (direct load_weights is wrong on CPU).
+            self._engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named)})
+            self._engine.reset_prefix_cache()
+        else:
+            self._hf_model.load_state_dict(dict(named), strict=True)
+        self.version = version
+        return {"worker": self.worker_index, "version": version, "checksum": checksum, "bytes": nbytes,
+                "receive_s": received, "apply_s": time.perf_counter() - t0 - received}  # fmt: skip
+
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[t] | ids[:t]) for t >= 1 under the weights in the engine: the push's end-to-end probe."""
+        import torch
+
+        if self._engine is None:
+            with torch.no_grad():
+                logits = self._hf_model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            return torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        out = self._engine.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+        return [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]

@@ -7,13 +7,10 @@ configured payload for the scored positions of each row.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import torch
-
 from vigos_ray.config import Config
-from vigos_ray.models import check_model_folder, load_model, load_processor
+from vigos_ray.models import check_model_folder, load_model, load_processor, tensor_checksum
 from vigos_ray.scoring import output_head, pool_targets
 from vigos_ray.types import ScoreRow, TeacherTargets
 
@@ -35,6 +32,5 @@ class TeacherWorker:
         return pool_targets(self.model, rows, self.cfg, self.role, self.vocab_size, self.pad_id)
 
     def head_checksum(self) -> str:
-        """SHA-256 of the output head's bytes: a `hidden` payload is only meaningful against this exact head."""
-        head = output_head(self.model).detach().contiguous().to(torch.float32)
-        return hashlib.sha256(head.numpy().tobytes()).hexdigest()
+        """SHA-256 of the output head: a `hidden` payload is only meaningful against this exact head."""
+        return tensor_checksum(output_head(self.model))

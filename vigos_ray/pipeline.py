@@ -1,0 +1,134 @@
+"""The Ray actors of a run and one verb per pipeline stage; the driver's loop calls these and nothing else of Ray.
+
+Groups: rollout workers (vLLM), one teacher pool per role, and the learner's FSDP ranks. Set-up forms the
+learner's process group, the weight-push group (learner rank 0 + every rollout worker), checks that each teacher's
+output head is the one the learner will apply to its `hidden` payloads, and pushes the initial weights, so that
+no rollout worker ever samples from weights the learner did not send.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from vigos_ray.batching import split_batch
+from vigos_ray.config import Config
+from vigos_ray.data import Sample
+from vigos_ray.objective import BatchPlan
+from vigos_ray.weight_sync import PushReport, WeightSyncError
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, model_path: Path):
+        from workers.group import WorkerGroup
+        from workers.learner import LearnerWorker
+        from workers.rollout import RolloutWorker
+        from workers.teacher import TeacherWorker
+
+        self.cfg, self.version = cfg, 0
+        t0 = time.perf_counter()
+        r, lc, timeout = cfg.rollout, cfg.learner, cfg.weight_sync.timeout_s
+        args = (cfg, str(model_path))
+        self.rollout = WorkerGroup(RolloutWorker, r.workers, r.num_cpus, r.num_gpus, args, "rollout", timeout)
+        self.teachers = {
+            role: WorkerGroup(TeacherWorker, max(pool.min_workers, 1), pool.num_cpus, pool.num_gpus,
+                              (*args, role), f"teacher-{role}", timeout)  # fmt: skip
+            for role, pool in cfg.teachers.pools().items()
+        }
+        self.learner = WorkerGroup(LearnerWorker, lc.workers, lc.num_cpus, lc.num_gpus, args, "learner", timeout)
+        import ray
+
+        host, port = ray.get(self.learner.actors[0].address.remote(), timeout=timeout)
+        self.learner.call_all("join", host, port, lc.workers)
+        self._check_teacher_heads()
+        self._open_sync_group()
+        self.specs = ray.get(self.learner.actors[0].weight_specs.remote(), timeout=timeout)
+        self.startup_s = time.perf_counter() - t0
+        self.push_weights()  # version 0: the initial weights, sent like every later version
+
+    def _check_teacher_heads(self) -> None:
+        if self.cfg.teachers.payload != "hidden":
+            return
+        from vigos_ray.objective import segments
+
+        learner_heads = self.learner.call_all("head_checksums")[0]
+        for seg in segments(self.cfg.loss):
+            pool_heads = set(self.teachers[seg.teacher].call_all("head_checksum"))
+            if pool_heads != {learner_heads[seg.name]}:
+                raise ValueError(
+                    f"teachers.{seg.teacher}: its output head differs from the head the learner applies to its "
+                    "hidden payloads; use teachers.payload=topk for a teacher with another head"
+                )
+
+    def _open_sync_group(self) -> None:
+        if self.cfg.weight_sync.transport != "collective":
+            return
+        import ray
+
+        host, port = ray.get(self.learner.actors[0].address.remote(), timeout=self.cfg.weight_sync.timeout_s)
+        world = 1 + len(self.rollout.actors)
+        pending = [self.learner.call_all_async("open_sync_group", host, port, world),
+                   self.rollout.call_all_async("open_sync_group", host, port, world)]  # fmt: skip
+        for p in pending:
+            p.result()
+
+    # ---- stages ------------------------------------------------------------------------------------------------
+
+    def generate_async(self, samples: Sequence[Sample], seed: int):
+        """Rollouts for `samples`, sampled by whatever weights the workers hold when they get to it."""
+        return self.rollout.scatter_async("generate", list(samples), seed=seed)
+
+    def score(self, plan: BatchPlan) -> tuple[dict[str, list], dict[str, float]]:
+        """Every segment's rows scored by its teacher pool, all pools at once; (targets, seconds per segment)."""
+        from workers.group import wait_all
+
+        pending = {
+            seg.name: self.teachers[seg.teacher].scatter_async(
+                "score", rows, cost=[len(row.input_ids) for row in rows]
+            )
+            for seg in plan.segments
+            if (rows := plan.teacher_rows.get(seg.name))
+        }
+        targets, seconds = wait_all(pending)
+        return {seg.name: targets.get(seg.name, []) for seg in plan.segments}, seconds
+
+    def train(self, plan: BatchPlan, targets: dict[str, list], versions: Sequence[int]) -> list[dict]:
+        """One optimizer step on every learner rank; returns each rank's stats."""
+        batches = split_batch(plan, targets, len(self.learner.actors), self.cfg.learner.micro_token_budget, versions)
+        results = self.learner.call_each("train_step", batches)
+        self.version = results[0]["version"]
+        return results
+
+    def push_weights(self) -> tuple[PushReport, list[dict]]:
+        """Learner weights -> every rollout worker, verified; returns the sender's report and each receipt."""
+        ws = self.cfg.weight_sync
+        bucket = ws.bucket_mb * 2**20
+        t0 = time.perf_counter()
+        sent = self.learner.call_all_async("push_weights", self.specs, ws.transport, bucket)
+        if ws.transport == "collective":
+            got = self.rollout.call_all_async("receive_weights", self.version, self.specs, ws.transport, bucket)
+            report, _ = sent.result()[0]
+            receipts = got.result()
+        else:
+            report, refs = sent.result()[0]
+            receipts = self.rollout.call_all("receive_weights", self.version, self.specs, ws.transport, bucket,
+                                             refs=refs, expected=report.checksum)  # fmt: skip
+            del refs
+        for receipt in receipts:
+            if receipt["checksum"] != report.checksum or receipt["version"] != self.version:
+                raise WeightSyncError(f"rollout worker {receipt['worker']} holds {receipt}, learner sent {report}")
+        seconds = time.perf_counter() - t0
+        report = PushReport(report.version, report.bytes, seconds, report.checksum, report.transport)
+        return report, receipts
+
+    def export(self, path: Path) -> Path:
+        """The student as a Hugging Face folder (LoRA merged), written by learner rank 0."""
+        return Path(self.learner.call_all("export", str(path))[0])
+
+    def shutdown(self) -> None:
+        for group in (self.rollout, *self.teachers.values(), self.learner):
+            group.shutdown()

@@ -1,0 +1,202 @@
+"""Weight push from learner rank 0 to the rollout workers: bucketed, versioned, timed and checksum-verified.
+
+The sender walks the student's weights in a fixed order (LoRA adapters merged into their base weights, cast to
+the rollout dtype) and packs them into byte buckets. Transports:
+- `collective`: a broadcast per bucket over a process group of its own (learner rank 0 + every rollout worker),
+  built on its own TCP store: the learner's default group is its FSDP group and vLLM's in-process engine owns
+  the rollout worker's default group, so neither can be used.
+- `object_store`: each bucket is put once into Ray's object store; rollout workers fetch the references.
+Receivers hash what arrived and the driver compares it with what was sent; a mismatch fails the step loudly and
+leaves the rollout worker stale (it refuses to sample) instead of sampling from corrupted weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str  # Hugging Face checkpoint name, as vLLM's loader expects it
+    shape: tuple[int, ...]
+    dtype: str  # key of DTYPES
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * DTYPES[self.dtype].itemsize
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@dataclass(frozen=True)
+class PushReport:
+    version: int
+    bytes: int
+    seconds: float  # from the first gather to the last byte received, as seen by the sender
+    checksum: str
+    transport: str
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+def merged_weights(named: Iterable[tuple[str, torch.Tensor]], lora_scaling: float = 1.0):
+    """Full weights under their Hugging Face names, with peft LoRA pairs merged: W + scaling * B @ A.
+
+    Expects peft's parameter order within a wrapped layer: base_layer.weight, [base_layer.bias], lora_A, lora_B.
+    """
+    base: dict[str, torch.Tensor] = {}
+    lora_a: dict[str, torch.Tensor] = {}
+    for name, t in named:
+        if ".base_layer." in name:
+            prefix, _, leaf = name.partition(".base_layer.")
+            if leaf == "weight":
+                base[prefix] = t
+            else:
+                yield f"{prefix}.{leaf}", t
+        elif ".lora_A." in name:
+            lora_a[name.partition(".lora_A.")[0]] = t
+        elif ".lora_B." in name:
+            prefix = name.partition(".lora_B.")[0]
+            a, w = lora_a.pop(prefix), base.pop(prefix)
+            yield f"{prefix}.weight", w + lora_scaling * (t.to(w.dtype) @ a.to(w.dtype))
+        else:
+            yield name, t
+    if base or lora_a:
+        raise ValueError(f"LoRA layers without both adapters: {sorted(set(base) | set(lora_a))[:3]}")
+
+
+def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive spec indices per bucket; a tensor larger than the bucket size travels alone."""
+    buckets: list[list[int]] = [[]]
+    size = 0
+    for i, spec in enumerate(specs):
+        if buckets[-1] and size + spec.nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += spec.nbytes
+    return [b for b in buckets if b]
+
+
+def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().contiguous().cpu().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def unpack(buffer: torch.Tensor, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for spec in specs:
+        n = spec.nbytes
+        out.append(buffer[offset : offset + n].view(DTYPES[spec.dtype]).reshape(spec.shape))
+        offset += n
+    return out
+
+
+class WeightSyncError(RuntimeError):
+    """What arrived differs from what was sent; the receiver stays stale."""
+
+
+class Checksum:
+    """BLAKE2b over the bytes of every bucket in order: sender and receivers must agree exactly."""
+
+    def __init__(self):
+        self._h = hashlib.blake2b(digest_size=16)
+
+    def update(self, buffer: torch.Tensor) -> None:
+        self._h.update(buffer.numpy().tobytes() if buffer.numel() else b"")
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray (plain processes in tests)
+        return "127.0.0.1"
+
+
+def sync_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0):
+    """A gloo process group of its own on its own TCP store (rank 0 hosts the store)."""
+    store = torch.distributed.TCPStore(host, port, world_size, rank == 0, timedelta(seconds=timeout_s))
+    return torch.distributed.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
+
+
+def send(
+    weights: Iterator[tuple[str, torch.Tensor]],
+    specs: Sequence[TensorSpec],
+    bucket_bytes: int,
+    transport: str,
+    group=None,
+) -> tuple[str, int, list]:
+    """Send `weights` (in `specs` order) bucket by bucket; returns (checksum, bytes, object refs or [])."""
+    checksum, total, refs = Checksum(), 0, []
+    for bucket in plan_buckets(specs, bucket_bytes):
+        tensors = []
+        for i in bucket:
+            name, t = next(weights)
+            spec = specs[i]
+            if name != spec.name or tuple(t.shape) != spec.shape:
+                raise RuntimeError(f"weight {name} {tuple(t.shape)} does not match the announced {spec}")
+            tensors.append(t.to(DTYPES[spec.dtype]))
+        buffer = pack(tensors)
+        checksum.update(buffer)
+        total += buffer.numel()
+        if transport == "collective":
+            group.broadcast(buffer, 0).wait()
+        else:
+            import ray
+
+            refs.append(ray.put(buffer))
+    digest = checksum.hexdigest()
+    if transport == "collective":  # receivers verify before they apply anything
+        group.broadcast(torch.frombuffer(bytearray.fromhex(digest), dtype=torch.uint8), 0).wait()
+    return digest, total, refs
+
+
+def receive(specs: Sequence[TensorSpec], bucket_bytes: int, transport: str, group=None, refs=(), expected: str = ""):
+    """Every bucket of a push, verified against the sender's checksum (broadcast last in `collective`, passed as
+    `expected` with `object_store`); returns ([(name, tensor)], checksum, bytes) or raises WeightSyncError."""
+    checksum, total, named = Checksum(), 0, []
+    for k, bucket in enumerate(plan_buckets(specs, bucket_bytes)):
+        bucket_specs = [specs[i] for i in bucket]
+        if transport == "collective":
+            buffer = torch.empty(sum(s.nbytes for s in bucket_specs), dtype=torch.uint8)
+            group.broadcast(buffer, 0).wait()
+        else:
+            import ray
+
+            buffer = ray.get(refs[k])
+        checksum.update(buffer)
+        total += buffer.numel()
+        named += [(s.name, t) for s, t in zip(bucket_specs, unpack(buffer, bucket_specs), strict=True)]
+    if transport == "collective":
+        digest = torch.empty(16, dtype=torch.uint8)
+        group.broadcast(digest, 0).wait()
+        expected = bytes(digest.tolist()).hex()
+    arrived = checksum.hexdigest()
+    if arrived != expected:
+        raise WeightSyncError(f"weights arrived with checksum {arrived}, sender sent {expected}; not applied")
+    return named, arrived, total

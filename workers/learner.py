@@ -1,0 +1,219 @@
+"""Learner: K ranks of one torch.distributed group (gloo on CPU, NCCL on GPU) training the student with FSDP2.
+
+A plain class; launch code wraps it with `ray.remote`. Each rank receives a `TrainBatch` (its rollouts, cut into
+micro-batches by tokens, with the teachers' targets) and runs the same `student_loss` as the single-process
+`vigos_step`; gradients are averaged by FSDP's reduce-scatter, so each segment's loss is its pooled mean over all
+ranks. After each step every rank joins the gather of full weights and rank 0 pushes them to the rollout workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vigos_ray import weight_sync
+from vigos_ray.batching import MicroBatch, TrainBatch
+from vigos_ray.config import Config
+from vigos_ray.models import load_model, load_output_head, load_processor
+from vigos_ray.objective import segments, student_loss
+from vigos_ray.scoring import output_head
+
+
+class LossModule(nn.Module):
+    """The student with its loss as `forward`, so that the root FSDP unit gathers the output head for the loss."""
+
+    def __init__(self, student: nn.Module, cfg: Config, vocab_size: int, pad_id: int, heads: dict[str, torch.Tensor]):
+        super().__init__()
+        self.student, self.cfg, self.vocab_size, self.pad_id = student, cfg, vocab_size, pad_id
+        self.teacher_heads = heads  # frozen, not parameters: never sharded, never trained
+
+    def forward(self, micro: MicroBatch | torch.Tensor, global_counts: dict | None = None, world_size: int = 1):
+        """(weighted loss, stats) of a micro-batch, or, given token ids [1, T], their next-token log-probs [T-1]:
+        every use of the weights goes through here, so that FSDP's root hooks gather what it holds."""
+        if isinstance(micro, torch.Tensor):
+            logits = self.student(input_ids=micro).logits[0, :-1].float()
+            return torch.log_softmax(logits, -1).gather(1, micro[0, 1:, None])[:, 0]
+        loss, stats = student_loss(self.student, micro.plan, micro.targets, self.cfg, self.vocab_size,
+                                   self.teacher_heads, global_counts, world_size, self.pad_id)  # fmt: skip
+        return loss * micro.weight, stats
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(total - warmup, 1)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return factor
+
+
+class LearnerWorker:
+    def __init__(self, cfg: Config, model_path: str | Path, worker_index: int = 0):
+        self.cfg, self.model_path, self.rank = cfg, str(model_path), worker_index
+        self.version = 0
+        self.device = torch.device("cuda" if cfg.learner.num_gpus > 0 else "cpu")
+        tokenizer = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
+        self.vocab_size, self.pad_id = len(tokenizer), tokenizer.pad_token_id or 0
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 hosts the rendezvous (call on rank 0 before `join`)."""
+        host = weight_sync.node_ip()
+        return host, weight_sync.free_port(host)
+
+    def join(self, host: str, port: int, world_size: int) -> None:
+        """Form the FSDP group, load and shard the student, build the optimizer (every rank at once)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
+        if host == "127.0.0.1":  # a local cluster: keep gloo on loopback too
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=f"tcp://{host}:{port}",
+                                rank=self.rank, world_size=world_size, timeout=timedelta(minutes=10))  # fmt: skip
+        self.world_size = world_size
+        model = load_model(self.model_path, "float32", str(self.device))  # fp32 master weights
+        self.heads = self._teacher_heads(output_head(model).detach().clone())
+        if self.cfg.learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lora_scaling = 0.0
+        if self.cfg.learner.lora.enabled:
+            model = self._add_lora(model)
+        self.student = model.get_base_model() if self.cfg.learner.lora.enabled else model
+        self.module = self._shard(LossModule(self.student, self.cfg, self.vocab_size, self.pad_id, self.heads))
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        lc = self.cfg.learner
+        self.optimizer = torch.optim.AdamW(trainable, lr=lc.lr, weight_decay=lc.weight_decay, betas=(0.9, 0.999))
+        schedule = lr_lambda(lc.schedule, lc.warmup_steps, self.cfg.run.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.trainable = trainable
+
+    def _teacher_heads(self, initial_head: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per segment, the frozen output head of the pool that scores it (`hidden` payloads need it here)."""
+        by_path: dict[str, torch.Tensor] = {}
+        heads = {}
+        for seg in segments(self.cfg.loss):
+            checkpoint = self.cfg.teachers.pools()[seg.teacher].checkpoint
+            if checkpoint and checkpoint not in by_path:
+                by_path[checkpoint] = load_output_head(checkpoint).to(self.device)
+            heads[seg.name] = by_path[checkpoint] if checkpoint else initial_head
+        return heads
+
+    def _add_lora(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        lc = self.cfg.learner.lora
+        config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules)
+        self.lora_scaling = lc.alpha / lc.r
+        return get_peft_model(model, config)
+
+    def _shard(self, module: LossModule) -> LossModule:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dtype = weight_sync.DTYPES[self.cfg.model.dtype]
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        inner = module.student.model
+        for block in [*inner.visual.blocks, *inner.language_model.layers]:  # one FSDP unit per transformer block
+            fully_shard(block, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)  # the root: embeddings, final norm, vision merger, output head
+        return module
+
+    def train_step(self, batch: TrainBatch) -> dict:
+        """Forward/backward every micro-batch, clip, step; returns this rank's loss and per-segment stats."""
+        t0 = time.perf_counter()
+        self.module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, sums = 0.0, {}
+        for micro in batch.micro:
+            loss, stats = self.module(micro, batch.global_counts, batch.world_size)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            for name, s in stats.items():
+                acc = sums.setdefault(name, {"loss": 0.0, "divergence": 0.0, "clipped": 0.0, "tokens": 0})
+                if micro.weight == 0.0:
+                    continue
+                acc["loss"] += s.loss
+                acc["divergence"] += s.divergence * s.tokens
+                acc["clipped"] += s.clipped * s.tokens
+                acc["tokens"] += s.tokens
+        clip = self.cfg.learner.grad_clip if self.cfg.learner.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.version += 1
+        return {"rank": self.rank, "loss": loss_sum, "segments": sums, "grad_norm": float(grad_norm), "lr": lr,
+                "version": self.version, "micro_batches": len(batch.micro),
+                "seconds": time.perf_counter() - t0}  # fmt: skip
+
+    # ---- weights ---------------------------------------------------------------------------------------------
+
+    def _full_weights(self):
+        """(name, full tensor) in Hugging Face names, LoRA merged; a collective: every rank must iterate it."""
+
+        def gathered():
+            for name, p in self.student.named_parameters():
+                t = p.detach()
+                yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+        return weight_sync.merged_weights(gathered(), self.lora_scaling)
+
+    def weight_specs(self) -> list[weight_sync.TensorSpec]:
+        """Names, shapes and dtype of a push, in push order (no communication)."""
+        shapes = ((n, tuple(p.shape)) for n, p in self.student.named_parameters())
+        meta = weight_sync.merged_weights(((n, torch.empty(s, device="meta")) for n, s in shapes), 1.0)
+        return [weight_sync.TensorSpec(n, tuple(t.shape), self.cfg.model.dtype) for n, t in meta]
+
+    def open_sync_group(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0 joins the weight-push group as its rank 0 (the store host); other ranks have nothing to do."""
+        if self.rank == 0:
+            self.sync = weight_sync.sync_group(host, port, 0, world_size)
+
+    def push_weights(self, specs: list[weight_sync.TensorSpec], transport: str, bucket_bytes: int):
+        """Every rank gathers; rank 0 sends. Returns rank 0's PushReport and object refs (object_store), else None."""
+        t0 = time.perf_counter()
+        weights = self._full_weights()
+        if self.rank != 0:
+            for _ in weights:  # take part in every all-gather, keep nothing
+                pass
+            return None
+        checksum, nbytes, refs = weight_sync.send(weights, specs, bucket_bytes, transport, getattr(self, "sync", None))
+        report = weight_sync.PushReport(self.version, nbytes, time.perf_counter() - t0, checksum, transport)
+        return report, refs
+
+    @torch.no_grad()
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[t] | ids[:t]) for t >= 1 under the current weights (a collective: call on every rank)."""
+        self.module.eval()
+        return self.module(torch.tensor([ids], device=self.device)).tolist()
+
+    def head_checksums(self) -> dict[str, str]:
+        from vigos_ray.models import tensor_checksum
+
+        return {name: tensor_checksum(h) for name, h in self.heads.items()}
+
+    def export(self, path: str) -> str | None:
+        """Write a Hugging Face folder (config, tokenizer, safetensors; LoRA merged) that transformers and vLLM
+        load. A collective; rank 0 writes, into a temporary folder renamed into place when complete."""
+        from vigos_ray.models import write_model_folder
+
+        weights = self._full_weights()
+        if self.rank != 0:
+            for _ in weights:
+                pass
+            return None
+        return str(write_model_folder(self.model_path, dict(weights), Path(path)))
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
