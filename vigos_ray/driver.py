@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -48,43 +49,48 @@ def run(cfg: Config) -> Path:
     save_config(cfg, run_dir / "config.yaml")
     model_path = resolve_model_path(cfg.model, cfg.run.cache_dir, seed=cfg.run.seed).resolve()
     processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
-    table = TokenTable.for_tokenizer(processor.tokenizer)
     prompts = prompt_stream(cfg, processor)
     pipe = Pipeline(cfg, model_path)
     log.info("actors up and initial weights pushed in %.1f s", pipe.startup_s)
-    ahead = cfg.run.max_staleness if cfg.run.mode == "async" else 0
-    inflight: deque = deque()  # (samples, pending rollouts), oldest first
-    metrics = MetricsFile(run_dir / "metrics.jsonl")
     try:
-        for step in (bar := tqdm(range(cfg.run.steps), desc="train", unit="step")):
-            t0 = time.perf_counter()
-            while len(inflight) <= ahead and step + len(inflight) < cfg.run.steps:
-                samples = prompts.next_batch(cfg.learner.prompts_per_step)
-                inflight.append((samples, pipe.generate_async(samples, seed=cfg.run.seed * 1_000_003 + step)))
-            samples, pending = inflight.popleft()
-            rollouts = pending.result()
-            t_rollout = time.perf_counter()
-            check_staleness(rollouts, pipe.version, cfg.run.max_staleness if ahead else 0)
-            spans = [parse_completion(r.completion_ids, table, cfg.loss.span_convention) for r in rollouts]
-            plan = plan_batch(processor, {s.id: s for s in samples}, rollouts, spans, cfg)
-            t_plan = time.perf_counter()
-            targets, teacher_s = pipe.score(plan)
-            t_score = time.perf_counter()
-            ranks = pipe.train(plan, targets, [r.version for r in rollouts])
-            t_train = time.perf_counter()
-            push, _ = pipe.push_weights()
-            stages = {"rollout_wait": t_rollout - t0, "plan": t_plan - t_rollout, "teachers": t_score - t_plan,
-                      "learner": t_train - t_score, "push": time.perf_counter() - t_train}  # fmt: skip
-            seconds = time.perf_counter() - t0
-            record = step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teacher_s, seconds)
-            metrics.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4g}", valid=f"{record['valid_rate']:.2f}", v=record["version"])
+        with MetricsFile(run_dir / "metrics.jsonl") as metrics:
+            train(cfg, pipe, processor, prompts, metrics.write)
         final = pipe.export(run_dir / "final")
         log.info("trained %d steps; model written to %s, metrics to %s", cfg.run.steps, final, metrics.path)
     finally:
-        metrics.close()
         pipe.shutdown()
     return run_dir
+
+
+def train(cfg: Config, pipe: Pipeline, processor, prompts: PromptStream, on_step: Callable[[dict], None]) -> None:
+    """`run.steps` steps through `pipe`; `on_step` receives each step's metrics record after its weight push."""
+    table = TokenTable.for_tokenizer(processor.tokenizer)
+    ahead = cfg.run.max_staleness if cfg.run.mode == "async" else 0
+    inflight: deque = deque()  # (samples, pending rollouts), oldest first
+    for step in (bar := tqdm(range(cfg.run.steps), desc="train", unit="step")):
+        t0 = time.perf_counter()
+        while len(inflight) <= ahead and step + len(inflight) < cfg.run.steps:
+            samples = prompts.next_batch(cfg.learner.prompts_per_step)
+            seed = cfg.run.seed * 1_000_003 + step + len(inflight)
+            inflight.append((samples, pipe.generate_async(samples, seed=seed)))
+        samples, pending = inflight.popleft()
+        rollouts = pending.result()
+        t_rollout = time.perf_counter()
+        check_staleness(rollouts, pipe.version, ahead)
+        spans = [parse_completion(r.completion_ids, table, cfg.loss.span_convention) for r in rollouts]
+        plan = plan_batch(processor, {s.id: s for s in samples}, rollouts, spans, cfg)
+        t_plan = time.perf_counter()
+        targets, teacher_s = pipe.score(plan)
+        t_score = time.perf_counter()
+        ranks = pipe.train(plan, targets, [r.version for r in rollouts])
+        t_train = time.perf_counter()
+        push, _ = pipe.push_weights()
+        stages = {"rollout_wait": t_rollout - t0, "plan": t_plan - t_rollout, "teachers": t_score - t_plan,
+                  "learner": t_train - t_score, "push": time.perf_counter() - t_train}  # fmt: skip
+        seconds = time.perf_counter() - t0
+        record = step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teacher_s, seconds)
+        on_step(record)
+        bar.set_postfix(loss=f"{record['loss']:.4g}", valid=f"{record['valid_rate']:.2f}", v=record["version"])
 
 
 def check_staleness(rollouts, learner_version: int, bound: int) -> None:

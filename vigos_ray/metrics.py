@@ -25,6 +25,12 @@ class MetricsFile:
     def close(self) -> None:
         self._f.close()
 
+    def __enter__(self) -> MetricsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def merge_segments(ranks: list[dict]) -> dict[str, dict[str, float]]:
     """Per segment over all ranks: the pooled loss (mean of rank shares), token-weighted KL and clip fraction."""

@@ -117,7 +117,10 @@ class RolloutWorker:
         if self._engine is not None:
             # vLLM's loader maps checkpoint names and repacks for its kernels (direct load_weights is wrong on CPU).
             self._engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named)})
+            # KV and image-embedding caches hold results of the old weights; the scheduler's encoder-cache
+            # bookkeeping must be dropped with the runner's cache, else the next image request misses.
             self._engine.reset_prefix_cache()
+            self._engine.llm_engine.reset_encoder_cache()
         else:
             self._hf_model.load_state_dict(dict(named), strict=True)
         self.version = version
