@@ -1,32 +1,74 @@
-"""`python launch/run.py` as a newcomer runs it, and the resource check against a live Ray cluster."""
+"""`python launch/run.py` as a newcomer runs it and as `ray job submit` runs it, and the resource check."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from vigos_ray.cluster import ResourceError, check_ray_resources
 from vigos_ray.config import load_config
+from vigos_ray.models import load_model
 
 from ..conftest import REPO
 
 pytestmark = pytest.mark.integration
 
 
-def test_run_py_samples_real_rollouts_and_says_training_is_not_built(tmp_path):
+def test_run_py_trains_through_the_pipeline_and_leaves_metrics_and_a_model(tmp_path, tiny_fast):
     cmd = [sys.executable, "launch/run.py", f"run.output_dir={tmp_path}/runs", f"run.cache_dir={tmp_path}/cache",
-           "learner.prompts_per_step=3", "rollout.max_new_tokens=8", "run.name=smoke"]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+           "run.steps=2", "learner.prompts_per_step=2", "rollout.max_new_tokens=12", "run.name=smoke",
+           f"model.path={tiny_fast}", "learner.lr=1e-3"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True,
+                          timeout=400)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "smoke"
-    assert load_config(run_dir / "config.yaml").learner.prompts_per_step == 3  # the resolved config, reloadable
-    rollouts = [json.loads(line) for line in (run_dir / "rollouts-step0.jsonl").read_text().splitlines()]
-    assert len(rollouts) == 3 and all(r["sample_id"].startswith("easyvqa-train-") for r in rollouts)
-    assert all(1 <= len(r["completion_ids"]) <= 8 and len(r["logprobs"]) == len(r["completion_ids"]) for r in rollouts)
-    assert "no training happened" in proc.stderr  # it never pretends to have trained
+    assert load_config(run_dir / "config.yaml").learner.prompts_per_step == 2  # the resolved config, reloadable
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["version"] for r in records] == [1, 2] and all(r["rollouts"] == 2 for r in records)
+    assert all(r["push/bytes"] > 0 and r["time/learner"] > 0 for r in records)
+    trained, initial = load_model(run_dir / "final").state_dict(), load_model(tiny_fast).state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)  # the exported model is the trained one
+
+
+def test_ray_job_submit_runs_the_pipeline_on_a_head_started_on_loopback(tmp_path, tiny_fast):
+    from vigos_ray.weight_sync import free_port
+
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port, dashboard = free_port("127.0.0.1"), free_port("127.0.0.1")
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    # --block: the head's processes end with this one, so the test never touches the session's own cluster
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=6",
+         f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        entry = (f"cd {REPO} && {sys.executable} launch/run.py run.steps=2 run.output_dir={tmp_path}/runs "
+                 f"model.path={tiny_fast} run.cache_dir={tmp_path}/cache learner.prompts_per_step=2 "
+                 "rollout.max_new_tokens=12 run.mode=async weight_sync.transport=object_store")  # fmt: skip
+        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", "bash", "-c", entry]
+        for _ in range(30):  # the dashboard's job server comes up a few seconds after the head
+            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+            if "Failed to connect" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(2)
+        assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+        records = (tmp_path / "runs" / "vigos" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["version"] for r in records] == [1, 2]
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_run_py_rejects_a_bad_key_before_starting_anything(tmp_path):
