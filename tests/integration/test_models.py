@@ -98,6 +98,17 @@ def test_empty_model_path_builds_the_tiny_model_once(tmp_path):
     assert resolve_model_path(cfg, tmp_path) == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def initial_push(folder, bucket_bytes=2**16):
+    """A version-0 push of `folder`'s own weights through the object store, as the learner sends it:
+    (specs, refs, checksum). Rollout workers refuse to sample before a push."""
+    from vigos_ray.weight_sync import TensorSpec, send
+
+    named = list(load_model(folder).named_parameters())
+    specs = [TensorSpec(n, tuple(p.shape), "float32") for n, p in named]
+    checksum, _, refs = send(iter(named), specs, bucket_bytes, "object_store")
+    return specs, refs, checksum
+
+
 @pytest.fixture(scope="module", params=KINDS)
 def vllm_worker(request, ray_cluster, folders):
     """A real RolloutWorker (vLLM CPU engine) in a Ray actor, as the pipeline runs it."""
@@ -105,6 +116,9 @@ def vllm_worker(request, ray_cluster, folders):
 
     cfg = load_config(overrides=["rollout.max_new_tokens=24", "rollout.samples_per_prompt=2"])
     actor = ray_cluster.remote(num_cpus=1)(RolloutWorker).remote(cfg, str(folders[request.param]))
+    specs, refs, checksum = initial_push(folders[request.param])
+    receipt = ray_cluster.get(actor.receive_weights.remote(0, specs, "object_store", 2**16, refs, checksum))
+    assert receipt["checksum"] == checksum and receipt["version"] == 0
     yield request.param, actor
     ray_cluster.kill(actor)
 
@@ -143,11 +157,13 @@ def test_vllm_sampling_is_reproducible_by_seed(vllm_worker, samples):
     assert [r.completion_ids for r in alone] == [r.completion_ids for r in a[2:]]
 
 
-def test_hf_backend_gives_the_same_interface_and_consistent_logprobs(tiny_fast, samples):
+def test_hf_backend_gives_the_same_interface_and_consistent_logprobs(ray_cluster, tiny_fast, samples):
     from workers.rollout import RolloutWorker
 
     cfg = load_config(overrides=["rollout.backend=hf", "rollout.max_new_tokens=12"])
     worker = RolloutWorker(cfg, tiny_fast)
+    specs, refs, checksum = initial_push(tiny_fast)
+    worker.receive_weights(0, specs, "object_store", 2**16, refs, checksum)
     rollouts = worker.generate(samples[:2], seed=0)
     model, processor = worker._hf_model, worker.processor
     banned = set(banned_token_ids(processor.tokenizer))
@@ -163,7 +179,28 @@ def test_prompt_length_limit_uses_the_real_student_context(tmp_path):
     from vigos_ray.driver import prompt_stream
 
     cfg = load_config(overrides=[f"run.cache_dir={tmp_path}", "data.max_prompt_tokens=60", "data.on_bad_record=raise"])
-    stream = prompt_stream(cfg, resolve_model_path(cfg.model, cfg.run.cache_dir))
+    processor = load_processor(resolve_model_path(cfg.model, cfg.run.cache_dir), 3136, cfg.model.max_pixels)
+    stream = prompt_stream(cfg, processor)
     # 16 image pads for a 64x64 image plus the chat turn and our instruction: about 75 tokens with `fast`
     with pytest.raises(DataError, match=r"the student prompt has \d+ tokens, over data.max_prompt_tokens=60"):
         stream.next_batch(1)
+
+
+def test_a_push_whose_bytes_differ_from_the_senders_is_refused_and_leaves_the_worker_stale(
+    ray_cluster, tiny_fast, samples
+):
+    from vigos_ray.weight_sync import WeightSyncError
+    from workers.rollout import RolloutWorker, StaleWeightsError
+
+    worker = RolloutWorker(load_config(overrides=["rollout.backend=hf", "rollout.max_new_tokens=4"]), tiny_fast)
+    specs, refs, checksum = initial_push(tiny_fast)
+    worker.receive_weights(0, specs, "object_store", 2**16, refs, checksum)
+    before = {n: p.clone() for n, p in worker._hf_model.state_dict().items()}
+    bad = ray_cluster.get(refs[0]).clone()
+    bad[0] ^= 1  # one flipped bit in the first bucket
+    refs = [ray_cluster.put(bad), *refs[1:]]
+    with pytest.raises(WeightSyncError, match="not applied"):
+        worker.receive_weights(1, specs, "object_store", 2**16, refs, checksum)
+    assert all(torch.equal(before[n], p) for n, p in worker._hf_model.state_dict().items())  # nothing loaded
+    with pytest.raises(StaleWeightsError):
+        worker.generate(samples[:1], seed=0)
