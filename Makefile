@@ -11,11 +11,11 @@ run: setup
 	$(PY) launch/run.py $(ARGS)
 
 test: setup
-	$(VENV)/bin/ruff check vigos_ray workers launch tests
+	$(VENV)/bin/ruff check vigos_ray workers launch tests bench
 	$(PY) -m pytest -q $(ARGS)
 
 test-all: setup
 	$(PY) -m pytest -q -m "" $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check vigos_ray workers launch tests
+	$(VENV)/bin/ruff check vigos_ray workers launch tests bench

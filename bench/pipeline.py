@@ -49,9 +49,10 @@ def payload_bytes(cache: Path, prompts: int, max_new_tokens: int) -> None:
     processor = load_processor(path, cfg.model.min_pixels, cfg.model.max_pixels)
     model = load_model(path)
     samples = prompt_stream(cfg, processor).next_batch(prompts)
-    rollouts = hf_rollouts(model, processor, samples, cfg, 0, banned_rows(model, sampling_token_ids(processor.tokenizer)))
-    table_ = TokenTable.for_tokenizer(processor.tokenizer)
-    spans = [parse_completion(r.completion_ids, table_) for r in rollouts]
+    banned = banned_rows(model, sampling_token_ids(processor.tokenizer))
+    rollouts = hf_rollouts(model, processor, samples, cfg, 0, banned)
+    tokens_table = TokenTable.for_tokenizer(processor.tokenizer)
+    spans = [parse_completion(r.completion_ids, tokens_table) for r in rollouts]
     # The tiny model's random weights give invalid rollouts: score every completion token with the reference
     # teacher, the segment an untrained model actually produces.
     plan = plan_batch(processor, {s.id: s for s in samples}, rollouts, spans, cfg)

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ResourceError, ModelFolderError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # actors are stopped below; metrics already written stay on disk
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         import ray
 

@@ -66,6 +66,12 @@ class TeacherTargets:
     tail_logprob: Any = None
     token_logprobs: Any = None
 
+    def to(self, device) -> TeacherTargets:
+        """The same targets with every tensor on `device` (teachers ship CPU tensors; the learner may be on GPU)."""
+        names = ("hidden", "topk_ids", "topk_logprobs", "tail_logprob", "token_logprobs")
+        moved = {n: getattr(self, n).to(device) for n in names if getattr(self, n) is not None}
+        return TeacherTargets(self.payload, **moved)
+
     def __len__(self) -> int:
         for x in (self.hidden, self.topk_ids, self.token_logprobs):
             if x is not None:

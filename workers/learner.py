@@ -134,6 +134,8 @@ class LearnerWorker:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, sums = 0.0, {}
         for micro in batch.micro:
+            if self.device.type != "cpu":
+                micro.targets = {k: [t.to(self.device) for t in v] for k, v in micro.targets.items()}
             loss, stats = self.module(micro, batch.global_counts, batch.world_size)
             loss.backward()
             loss_sum += float(loss.detach())

@@ -22,14 +22,15 @@ class TeacherWorker:
         path = Path(self.pool.checkpoint).expanduser() if self.pool.checkpoint else Path(model_path)
         if self.pool.checkpoint:
             check_model_folder(path, key=f"teachers.{role}.checkpoint")
-        self.model = load_model(path, cfg.model.dtype)
+        self.model = load_model(path, cfg.model.dtype, "cuda" if self.pool.num_gpus > 0 else "cpu")
         self.model.requires_grad_(False)
         tokenizer = load_processor(path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
         self.vocab_size, self.pad_id = len(tokenizer), tokenizer.pad_token_id or 0
 
     def score(self, rows: list[ScoreRow]) -> list[TeacherTargets]:
-        """Targets for each row's scored tokens, in row order, in `teachers.payload`."""
-        return pool_targets(self.model, rows, self.cfg, self.role, self.vocab_size, self.pad_id)
+        """Targets for each row's scored tokens, in row order, in `teachers.payload` (CPU tensors: they cross Ray)."""
+        targets = pool_targets(self.model, rows, self.cfg, self.role, self.vocab_size, self.pad_id)
+        return [t.to("cpu") for t in targets]
 
     def head_checksum(self) -> str:
         """SHA-256 of the output head: a `hidden` payload is only meaningful against this exact head."""
