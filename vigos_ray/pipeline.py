@@ -33,13 +33,17 @@ class Pipeline:
         t0 = time.perf_counter()
         r, lc, timeout = cfg.rollout, cfg.learner, cfg.weight_sync.timeout_s
         args = (cfg, str(model_path))
-        self.rollout = WorkerGroup(RolloutWorker, r.workers, r.num_cpus, r.num_gpus, args, "rollout", timeout)
+        # Every actor starts at once (the vLLM engine alone takes ~12 s on CPU), then we wait for all of them.
+        self.rollout = WorkerGroup(RolloutWorker, r.workers, r.num_cpus, r.num_gpus, args, "rollout", timeout, False)
         self.teachers = {
             role: WorkerGroup(TeacherWorker, max(pool.min_workers, 1), pool.num_cpus, pool.num_gpus,
-                              (*args, role), f"teacher-{role}", timeout)  # fmt: skip
+                              (*args, role), f"teacher-{role}", timeout, False)  # fmt: skip
             for role, pool in cfg.teachers.pools().items()
         }
-        self.learner = WorkerGroup(LearnerWorker, lc.workers, lc.num_cpus, lc.num_gpus, args, "learner", timeout)
+        self.learner = WorkerGroup(LearnerWorker, lc.workers, lc.num_cpus, lc.num_gpus, args, "learner", timeout,
+                                   False)  # fmt: skip
+        for group in (self.rollout, *self.teachers.values(), self.learner):
+            group.ready().result()
         import ray
 
         host, port = ray.get(self.learner.actors[0].address.remote(), timeout=timeout)

@@ -47,7 +47,7 @@ class WorkerGroup:
     """`call_all` runs a method on every actor; `scatter` splits a list across them and joins the results in order."""
 
     def __init__(self, cls: type, n: int, num_cpus: float, num_gpus: float, args: tuple = (), name: str = "",
-                 timeout_s: float = 600.0):  # fmt: skip
+                 timeout_s: float = 600.0, wait: bool = True):  # fmt: skip
         import ray
 
         remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(cls)
@@ -55,8 +55,13 @@ class WorkerGroup:
         self.actors = [
             remote_cls.options(name=f"{name}-{i}" if name else None).remote(*args, worker_index=i) for i in range(n)
         ]
-        # Construction errors (bad model folder, engine start failure) surface here, not at the first call.
-        ray.get([a.__ray_ready__.remote() for a in self.actors], timeout=timeout_s)
+        if wait:
+            self.ready().result()
+
+    def ready(self) -> Pending:
+        """Resolves when every actor is constructed; construction errors (a bad model folder, an engine that
+        fails to start) surface here rather than at the first call."""
+        return Pending([a.__ray_ready__.remote() for a in self.actors], flat=False, timeout_s=self.timeout_s)
 
     def call_all(self, method: str, *args, **kwargs) -> list[Any]:
         import ray
