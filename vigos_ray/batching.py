@@ -9,7 +9,7 @@ global mean (SPEC §6).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vigos_ray.objective import BatchPlan
 from vigos_ray.scoring import pack_by_tokens
@@ -31,7 +31,6 @@ class TrainBatch:
     micro: list[MicroBatch]
     global_counts: dict[str, int]  # supervised tokens per segment over all ranks
     world_size: int
-    versions: list[int] = field(default_factory=list)  # policy version of each rollout of this rank
 
 
 def select(plan: BatchPlan, targets: Mapping[str, Sequence[TeacherTargets]], keep: Sequence[int]):
@@ -85,7 +84,6 @@ def split_batch(
     targets: Mapping[str, Sequence[TeacherTargets]],
     world_size: int,
     micro_token_budget: int,
-    versions: Sequence[int] | None = None,
 ) -> list[TrainBatch]:
     """One TrainBatch per rank; every rank gets the same number of micro-batches."""
     costs = [len(row.input_ids) for row in plan.student_rows]
@@ -98,6 +96,5 @@ def split_batch(
         for group, weight in _micro_groups(rollouts, costs, micro_token_budget, count):
             sub, sub_targets = select(plan, targets, group)
             micro.append(MicroBatch(sub, sub_targets, weight, tuple(group)))
-        picked = [versions[i] for i in rollouts] if versions is not None else []
-        batches.append(TrainBatch(micro, counts, world_size, picked))
+        batches.append(TrainBatch(micro, counts, world_size))
     return batches

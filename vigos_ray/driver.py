@@ -82,7 +82,7 @@ def train(cfg: Config, pipe: Pipeline, processor, prompts: PromptStream, on_step
         t_plan = time.perf_counter()
         targets, teacher_s = pipe.score(plan)
         t_score = time.perf_counter()
-        ranks = pipe.train(plan, targets, [r.version for r in rollouts])
+        ranks = pipe.train(plan, targets)
         t_train = time.perf_counter()
         push, _ = pipe.push_weights()
         stages = {"rollout_wait": t_rollout - t0, "plan": t_plan - t_rollout, "teachers": t_score - t_plan,

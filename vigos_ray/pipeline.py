@@ -8,27 +8,25 @@ no rollout worker ever samples from weights the learner did not send.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import ray
+
 from vigos_ray.batching import split_batch
 from vigos_ray.config import Config
 from vigos_ray.data import Sample
-from vigos_ray.objective import BatchPlan
+from vigos_ray.objective import BatchPlan, segments
 from vigos_ray.weight_sync import PushReport, WeightSyncError
-
-log = logging.getLogger(__name__)
+from workers.group import WorkerGroup, wait_all
+from workers.learner import LearnerWorker
+from workers.rollout import RolloutWorker
+from workers.teacher import TeacherWorker
 
 
 class Pipeline:
     def __init__(self, cfg: Config, model_path: Path):
-        from workers.group import WorkerGroup
-        from workers.learner import LearnerWorker
-        from workers.rollout import RolloutWorker
-        from workers.teacher import TeacherWorker
-
         self.cfg, self.version = cfg, 0
         t0 = time.perf_counter()
         r, lc, timeout = cfg.rollout, cfg.learner, cfg.weight_sync.timeout_s
@@ -44,8 +42,6 @@ class Pipeline:
                                    False)  # fmt: skip
         for group in (self.rollout, *self.teachers.values(), self.learner):
             group.ready().result()
-        import ray
-
         host, port = ray.get(self.learner.actors[0].address.remote(), timeout=timeout)
         self.learner.call_all("join", host, port, lc.workers)
         self._check_teacher_heads()
@@ -57,8 +53,6 @@ class Pipeline:
     def _check_teacher_heads(self) -> None:
         if self.cfg.teachers.payload != "hidden":
             return
-        from vigos_ray.objective import segments
-
         learner_heads = self.learner.call_all("head_checksums")[0]
         for seg in segments(self.cfg.loss):
             pool_heads = set(self.teachers[seg.teacher].call_all("head_checksum"))
@@ -71,8 +65,6 @@ class Pipeline:
     def _open_sync_group(self) -> None:
         if self.cfg.weight_sync.transport != "collective":
             return
-        import ray
-
         host, port = ray.get(self.learner.actors[0].address.remote(), timeout=self.cfg.weight_sync.timeout_s)
         world = 1 + len(self.rollout.actors)
         pending = [self.learner.call_all_async("open_sync_group", host, port, world),
@@ -88,8 +80,6 @@ class Pipeline:
 
     def score(self, plan: BatchPlan) -> tuple[dict[str, list], dict[str, float]]:
         """Every segment's rows scored by its teacher pool, all pools at once; (targets, seconds per segment)."""
-        from workers.group import wait_all
-
         pending = {
             seg.name: self.teachers[seg.teacher].scatter_async(
                 "score", rows, cost=[len(row.input_ids) for row in rows]
@@ -100,15 +90,16 @@ class Pipeline:
         targets, seconds = wait_all(pending)
         return {seg.name: targets.get(seg.name, []) for seg in plan.segments}, seconds
 
-    def train(self, plan: BatchPlan, targets: dict[str, list], versions: Sequence[int]) -> list[dict]:
+    def train(self, plan: BatchPlan, targets: dict[str, list]) -> list[dict]:
         """One optimizer step on every learner rank; returns each rank's stats."""
-        batches = split_batch(plan, targets, len(self.learner.actors), self.cfg.learner.micro_token_budget, versions)
+        batches = split_batch(plan, targets, len(self.learner.actors), self.cfg.learner.micro_token_budget)
         results = self.learner.call_each("train_step", batches)
         self.version = results[0]["version"]
         return results
 
     def push_weights(self) -> tuple[PushReport, list[dict]]:
-        """Learner weights -> every rollout worker, verified; returns the sender's report and each receipt."""
+        """Learner weights -> every rollout worker, verified; returns the report (seconds: from the call to the last
+        worker's weights loaded) and each worker's receipt."""
         ws = self.cfg.weight_sync
         bucket = ws.bucket_mb * 2**20
         t0 = time.perf_counter()
@@ -121,7 +112,6 @@ class Pipeline:
             report, refs = sent.result()[0]
             receipts = self.rollout.call_all("receive_weights", self.version, self.specs, ws.transport, bucket,
                                              refs=refs, expected=report.checksum)  # fmt: skip
-            del refs
         for receipt in receipts:
             if receipt["checksum"] != report.checksum or receipt["version"] != self.version:
                 raise WeightSyncError(f"rollout worker {receipt['worker']} holds {receipt}, learner sent {report}")

@@ -45,7 +45,7 @@ def _numel(shape: Sequence[int]) -> int:
 class PushReport:
     version: int
     bytes: int
-    seconds: float  # from the first gather to the last byte received, as seen by the sender
+    seconds: float
     checksum: str
     transport: str
 

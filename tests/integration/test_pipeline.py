@@ -61,7 +61,7 @@ def test_a_fixed_batch_gives_the_single_process_loss_and_gradient(pipe, batch, t
     rollouts, spans, plan = batch
     assert pipe.version == 0 and sorted(plan.teacher_rows) == ["perception", "reasoning", "reference"]
     targets, _ = pipe.score(plan)
-    ranks = pipe.train(plan, targets, [r.version for r in rollouts])
+    ranks = pipe.train(plan, targets)
     pipe.push_weights()
 
     teacher = frozen_copy(load_model(tiny_fast, "float32"))
@@ -87,11 +87,11 @@ def test_a_fixed_batch_gives_the_single_process_loss_and_gradient(pipe, batch, t
 
 
 def test_training_on_a_repeated_batch_lowers_the_divergence(pipe, batch):
-    rollouts, _, plan = batch
+    _, _, plan = batch
     targets, _ = pipe.score(plan)
     kl = []
     for _ in range(4):  # each step reports the divergence before its update
-        ranks = pipe.train(plan, targets, [pipe.version] * len(rollouts))
+        ranks = pipe.train(plan, targets)
         kl.append({name: s["kl"] for name, s in merge_segments(ranks).items()})
     pipe.push_weights()
     for name in kl[0]:  # lr 1e-3 may overshoot a little from one step to the next, not over three
