@@ -13,6 +13,7 @@ from vigos_ray.cluster import ResourceError, check_ray_resources, init_ray  # no
 from vigos_ray.config import ConfigError, load_config  # noqa: E402
 from vigos_ray.data import DataError  # noqa: E402
 from vigos_ray.models import ModelFolderError  # noqa: E402
+from vigos_ray.preemption import EXIT_PREEMPTED, Preempted  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ResourceError, ModelFolderError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:  # exit non-zero: the job's retry policy restarts it, and it resumes
+        print(f"preempted: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:  # actors are stopped below; metrics already written stay on disk
         print("interrupted", file=sys.stderr)
         return 130

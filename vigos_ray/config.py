@@ -279,6 +279,27 @@ class WeightSyncConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # A step ends with a checkpoint every `every_steps` steps and/or `every_minutes` minutes (0 = off); the last
+    # step and a preemption notice (SIGTERM) always write one. Checkpoints live in runs/<run.name>/checkpoints.
+    every_steps: int = 0
+    every_minutes: float = 30.0
+    keep: int = 2  # complete checkpoints kept; older ones are deleted after a newer one is published
+    # `auto`: resume from this run's latest complete checkpoint if there is one; `never`; or a step_N directory.
+    resume: str = "auto"
+    # After SIGTERM the current step finishes and a checkpoint is written; this many seconds after the notice
+    # the process exits regardless (the previous checkpoint stays intact).
+    grace_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _require(self.grace_s > 0, "checkpoint.grace_s", f"must be > 0 (got {self.grace_s})")
+        _require(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0 (got {self.every_steps})")
+        _require(self.every_minutes >= 0, "checkpoint.every_minutes", f"must be >= 0 (got {self.every_minutes})")
+        _require(self.keep >= 1, "checkpoint.keep", f"must be >= 1 (got {self.keep})")
+        _require(bool(self.resume.strip()), "checkpoint.resume", "must be auto, never or a checkpoint directory")
+
+
+@dataclass
 class RunConfig:
     name: str = "vigos"
     output_dir: str = "runs"
@@ -311,6 +332,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         rollouts = self.learner.prompts_per_step * self.rollout.samples_per_prompt

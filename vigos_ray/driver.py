@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vigos_ray.checkpoint import Checkpointer, DriverState, load_driver_state, resume_path
 from vigos_ray.config import Config, save_config
 from vigos_ray.data import PromptStream, read_files
 from vigos_ray.easyvqa import write_easyvqa_jsonl
@@ -22,8 +23,10 @@ from vigos_ray.metrics import MetricsFile, step_record
 from vigos_ray.models import load_processor, resolve_model_path
 from vigos_ray.objective import plan_batch
 from vigos_ray.pipeline import Pipeline
+from vigos_ray.preemption import Preempted, Preemption
 from vigos_ray.prompts import encode, student_text
 from vigos_ray.spans import TokenTable, parse_completion
+from workers.group import Ready
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +46,29 @@ def prompt_stream(cfg: Config, processor, split: str = "train") -> PromptStream:
 
 
 def run(cfg: Config) -> Path:
-    """Train for `run.steps` steps; returns the run directory (config, metrics.jsonl, final/ model folder)."""
+    """Train to `run.steps`, resuming from this run's latest checkpoint unless `checkpoint.resume=never`; returns
+    the run directory (config.yaml, metrics.jsonl, checkpoints/, final/). Raises Preempted after a SIGTERM."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     model_path = resolve_model_path(cfg.model, cfg.run.cache_dir, seed=cfg.run.seed).resolve()
     processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
     prompts = prompt_stream(cfg, processor)
+    checkpoints = Checkpointer(cfg.checkpoint, run_dir / "checkpoints")
+    resume = resume_path(cfg.checkpoint, checkpoints.root)
     pipe = Pipeline(cfg, model_path)
     log.info("actors up and initial weights pushed in %.1f s", pipe.startup_s)
     try:
-        with MetricsFile(run_dir / "metrics.jsonl") as metrics:
-            train(cfg, pipe, processor, prompts, metrics.write)
+        start = None
+        if resume is not None:
+            start = load_driver_state(resume)
+            pipe.restore_learner(resume)
+            prompts.load_state_dict(start.data)
+            log.info("resumed from %s at step %d (policy version %d)", resume, start.step, pipe.version)
+        with MetricsFile(run_dir / "metrics.jsonl", from_step=start.step if start else 0) as metrics, Preemption(
+            cfg.checkpoint.grace_s
+        ) as preemption:
+            train(cfg, pipe, processor, prompts, metrics.write, start, checkpoints, preemption)
         final = pipe.export(run_dir / "final")
         log.info("trained %d steps; model written to %s, metrics to %s", cfg.run.steps, final, metrics.path)
     finally:
@@ -62,12 +76,23 @@ def run(cfg: Config) -> Path:
     return run_dir
 
 
-def train(cfg: Config, pipe: Pipeline, processor, prompts: PromptStream, on_step: Callable[[dict], None]) -> None:
-    """`run.steps` steps through `pipe`; `on_step` receives each step's metrics record after its weight push."""
+def train(
+    cfg: Config,
+    pipe: Pipeline,
+    processor,
+    prompts: PromptStream,
+    on_step: Callable[[dict], None],
+    start: DriverState | None = None,
+    checkpoints: Checkpointer | None = None,
+    preemption: Preemption | None = None,
+) -> None:
+    """Steps `start.step`..`run.steps`-1 through `pipe`; `on_step` gets each step's metrics after its weight push.
+    A step ends with a checkpoint when one is due, at the last step, and after a preemption notice (then raises)."""
     table = TokenTable.for_tokenizer(processor.tokenizer)
     ahead = cfg.run.max_staleness if cfg.run.mode == "async" else 0
-    inflight: deque = deque()  # (samples, pending rollouts), oldest first
-    for step in (bar := tqdm(range(cfg.run.steps), desc="train", unit="step")):
+    first = start.step if start else 0
+    inflight = deque((s, Ready(r)) for s, r in start.inflight) if start else deque()  # (samples, rollouts)
+    for step in (bar := tqdm(range(first, cfg.run.steps), desc="train", unit="step", initial=first)):
         t0 = time.perf_counter()
         while len(inflight) <= ahead and step + len(inflight) < cfg.run.steps:
             samples = prompts.next_batch(cfg.learner.prompts_per_step)
@@ -91,6 +116,13 @@ def train(cfg: Config, pipe: Pipeline, processor, prompts: PromptStream, on_step
         record = step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teacher_s, seconds)
         on_step(record)
         bar.set_postfix(loss=f"{record['loss']:.4g}", valid=f"{record['valid_rate']:.2f}", v=record["version"])
+        stop = preemption is not None and preemption.requested
+        if checkpoints is not None and (stop or step + 1 == cfg.run.steps or checkpoints.due(step + 1)):
+            state = DriverState(step + 1, pipe.version, prompts.state_dict(),
+                                [(s, p.result()) for s, p in inflight])  # fmt: skip
+            checkpoints.save(state, pipe.save_learner)
+        if stop:
+            raise Preempted(f"stopped after step {step} on a preemption notice; the checkpoint is saved")
 
 
 def check_staleness(rollouts, learner_version: int, bound: int) -> None:

@@ -14,8 +14,13 @@ from statistics import fmean
 
 
 class MetricsFile:
-    def __init__(self, path: Path):
+    """Appends records; on resume (`from_step` > 0) first drops records of steps that will run again."""
+
+    def __init__(self, path: Path, from_step: int = 0):
         self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < from_step]
+            path.write_text("".join(line + "\n" for line in kept))
         self._f = path.open("a")
 
     def write(self, record: dict) -> None:

@@ -119,6 +119,15 @@ class Pipeline:
         report = PushReport(report.version, report.bytes, seconds, report.checksum, report.transport)
         return report, receipts
 
+    def save_learner(self, path: Path) -> None:
+        self.learner.call_all("save_state", str(path))
+
+    def restore_learner(self, path: Path) -> None:
+        """Load the learner's state from a checkpoint and push those weights to every rollout worker."""
+        versions = set(self.learner.call_all("load_state", str(path)))
+        self.version = versions.pop()
+        self.push_weights()
+
     def export(self, path: Path) -> Path:
         """The student as a Hugging Face folder (LoRA merged), written by learner rank 0."""
         return Path(self.learner.call_all("export", str(path))[0])

@@ -27,6 +27,16 @@ class Pending:
         return [x for part in parts for x in part] if self.flat else parts
 
 
+@dataclass
+class Ready:
+    """A result already in hand, with Pending's interface (rollouts restored from a checkpoint)."""
+
+    value: list
+
+    def result(self) -> list:
+        return self.value
+
+
 def wait_all(pending: dict[str, Pending]) -> tuple[dict[str, list], dict[str, float]]:
     """Results of several Pendings, and the seconds until each one had finished (from this call)."""
     import ray

@@ -158,6 +158,35 @@ class LearnerWorker:
                 "version": self.version, "micro_batches": len(batch.micro),
                 "seconds": time.perf_counter() - t0}  # fmt: skip
 
+    # ---- state -----------------------------------------------------------------------------------------------
+
+    def save_state(self, path: str) -> None:
+        """Sharded model + optimizer into `path/learner` (every rank writes its shard), scheduler and version
+        into `path/learner_meta.pt` (rank 0). A collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(path) / "learner"))
+        if self.rank == 0:
+            meta = {"scheduler": self.scheduler.state_dict(), "version": self.version, "world_size": self.world_size}
+            torch.save(meta, Path(path) / "learner_meta.pt")
+        dist.barrier()
+
+    def load_state(self, path: str) -> int:
+        """Restore what `save_state` wrote (any rank count: DCP reshards); returns the policy version."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(Path(path) / "learner"))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        meta = torch.load(Path(path) / "learner_meta.pt", weights_only=True)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.version = meta["version"]
+        return self.version
+
     # ---- weights ---------------------------------------------------------------------------------------------
 
     def _full_weights(self):

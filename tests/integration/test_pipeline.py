@@ -129,3 +129,34 @@ def test_a_rollout_worker_without_weights_refuses_to_sample(tiny_fast, cache_dir
     worker = RolloutWorker(cfg, tiny_fast)
     with pytest.raises(StaleWeightsError, match="push weights first"):
         worker.generate(samples_and_processor[0][:1], seed=0)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_resuming_from_a_checkpoint_ends_bit_identical_to_the_uninterrupted_run(pipe, samples_and_processor,
+                                                                               tmp_path, mode):  # fmt: skip
+    from safetensors.torch import load_file
+
+    from vigos_ray.checkpoint import Checkpointer, load_driver_state
+    from vigos_ray.config import CheckpointConfig
+
+    _, processor = samples_and_processor
+    cfg = dataclasses.replace(pipe.cfg, run=dataclasses.replace(pipe.cfg.run, mode=mode, steps=4, max_staleness=1))
+    checkpoints = Checkpointer(CheckpointConfig(every_steps=2, keep=5), tmp_path / "ckpt")
+    whole: list[dict] = []
+    train(cfg, pipe, processor, prompt_stream(cfg, processor), whole.append, checkpoints=checkpoints)
+    uninterrupted = load_file(pipe.export(tmp_path / "a") / "model.safetensors")
+
+    # back to step 2 of that run, as a restarted driver would: learner state, pushed weights, data cursor, queue
+    resume = tmp_path / "ckpt" / "step_2"
+    state = load_driver_state(resume)
+    assert state.step == 2 and len(state.inflight) == (1 if mode == "async" else 0)
+    pipe.restore_learner(resume)
+    prompts = prompt_stream(cfg, processor)
+    prompts.load_state_dict(state.data)
+    again: list[dict] = []
+    train(cfg, pipe, processor, prompts, again.append, start=state, checkpoints=checkpoints)
+    resumed = load_file(pipe.export(tmp_path / "b") / "model.safetensors")
+
+    assert [r["loss"] for r in again] == [r["loss"] for r in whole[2:]]
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
