@@ -1,0 +1,86 @@
+"""The driver process stopped and started again, as a preempted or crashed job is: `launch/run.py` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ..conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def command(out: Path, tiny: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "launch/run.py", f"run.output_dir={out}", f"run.cache_dir={out}/cache", "run.name=r",
+            f"model.path={tiny}", "learner.prompts_per_step=2", "rollout.max_new_tokens=12", "learner.lr=1e-3",
+            "run.steps=4", *overrides]  # fmt: skip
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_steps(metrics: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        time.sleep(0.2)
+    raise TimeoutError(f"{metrics} did not reach {n} steps")
+
+
+def versions(run_dir: Path) -> list[int]:
+    return [json.loads(line)["version"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_mid_run_writes_a_checkpoint_exits_nonzero_and_a_restart_resumes_from_it(tmp_path, tiny_fast):
+    cmd = command(tmp_path, tiny_fast)  # no periodic checkpoints: the one found after SIGTERM is the notice's
+    run_dir = tmp_path / "r"
+    proc = start(cmd, tmp_path / "first.log")
+    wait_for_steps(run_dir / "metrics.jsonl", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, (tmp_path / "first.log").read_text()[-3000:]
+    stopped_at = (run_dir / "checkpoints" / "latest").read_text()
+    steps_done = int(stopped_at.removeprefix("step_"))
+    assert 1 <= steps_done < 4 and not (run_dir / "final").exists()
+    assert "preempted: stopped after step" in (tmp_path / "first.log").read_text()
+
+    proc = start(cmd, tmp_path / "second.log")
+    assert proc.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    log = (tmp_path / "second.log").read_text()
+    assert f"resumed from {run_dir / 'checkpoints' / stopped_at} at step {steps_done}" in log
+    assert versions(run_dir) == [1, 2, 3, 4]  # every step once: none skipped, none repeated in the metrics
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_and_a_restart_end_with_the_uninterrupted_runs_weights(tmp_path, tiny_fast):
+    from safetensors.torch import load_file
+
+    whole = tmp_path / "whole"
+    ref = subprocess.run(command(whole, tiny_fast), cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+
+    broken = tmp_path / "broken"
+    cmd = command(broken, tiny_fast, "checkpoint.every_steps=1")
+    proc = start(cmd, tmp_path / "killed.log")
+    wait_for_steps(broken / "r" / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: whatever was being written stays half-written
+    proc.wait(timeout=60)
+    proc = start(cmd, tmp_path / "restart.log")
+    assert proc.wait(timeout=400) == 0, (tmp_path / "restart.log").read_text()[-3000:]
+
+    a = load_file(whole / "r" / "final" / "model.safetensors")
+    b = load_file(broken / "r" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert versions(broken / "r") == versions(whole / "r") == [1, 2, 3, 4]
