@@ -8,11 +8,14 @@ no rollout worker ever samples from weights the learner did not send.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayActorError
 
 from vigos_ray.batching import split_batch
 from vigos_ray.config import Config
@@ -21,8 +24,11 @@ from vigos_ray.objective import BatchPlan, segments
 from vigos_ray.weight_sync import PushReport, WeightSyncError
 from workers.group import WorkerGroup, wait_all
 from workers.learner import LearnerWorker
-from workers.rollout import RolloutWorker
+from workers.rollout import RolloutWorker, StaleWeightsError
 from workers.teacher import TeacherWorker
+
+log = logging.getLogger(__name__)
+RESTARTS = 3  # a dead rollout or teacher actor is restarted this many times before the run fails
 
 
 class Pipeline:
@@ -32,10 +38,13 @@ class Pipeline:
         r, lc, timeout = cfg.rollout, cfg.learner, cfg.weight_sync.timeout_s
         args = (cfg, str(model_path))
         # Every actor starts at once (the vLLM engine alone takes ~12 s on CPU), then we wait for all of them.
-        self.rollout = WorkerGroup(RolloutWorker, r.workers, r.num_cpus, r.num_gpus, args, "rollout", timeout, False)
+        # Teachers are stateless: Ray restarts a dead one and resubmits its calls. A restarted rollout worker is
+        # stale, so its calls are not resubmitted blindly: RolloutRequest pushes it the weights first.
+        self.rollout = WorkerGroup(RolloutWorker, r.workers, r.num_cpus, r.num_gpus, args, "rollout", timeout, False,
+                                   max_restarts=RESTARTS)  # fmt: skip
         self.teachers = {
             role: WorkerGroup(TeacherWorker, max(pool.min_workers, 1), pool.num_cpus, pool.num_gpus,
-                              (*args, role), f"teacher-{role}", timeout, False)  # fmt: skip
+                              (*args, role), f"teacher-{role}", timeout, False, RESTARTS, RESTARTS)  # fmt: skip
             for role, pool in cfg.teachers.pools().items()
         }
         self.learner = WorkerGroup(LearnerWorker, lc.workers, lc.num_cpus, lc.num_gpus, args, "learner", timeout,
@@ -74,9 +83,17 @@ class Pipeline:
 
     # ---- stages ------------------------------------------------------------------------------------------------
 
-    def generate_async(self, samples: Sequence[Sample], seed: int):
+    def generate_async(self, samples: Sequence[Sample], seed: int) -> RolloutRequest:
         """Rollouts for `samples`, sampled by whatever weights the workers hold when they get to it."""
-        return self.rollout.scatter_async("generate", list(samples), seed=seed)
+        samples = list(samples)
+        return RolloutRequest(self, samples, seed, self.rollout.scatter_async("generate", samples, seed=seed))
+
+    def recover_rollout_workers(self) -> None:
+        """After a rollout worker died: wait for Ray's restart, re-form the weight-push group (its old member is
+        gone), and push the current weights to every worker, so the restarted one is no longer stale."""
+        self.rollout.wait_restarted()
+        self._open_sync_group()
+        self.push_weights()
 
     def score(self, plan: BatchPlan) -> tuple[dict[str, list], dict[str, float]]:
         """Every segment's rows scored by its teacher pool, all pools at once; (targets, seconds per segment)."""
@@ -135,3 +152,25 @@ class Pipeline:
     def shutdown(self) -> None:
         for group in (self.rollout, *self.teachers.values(), self.learner):
             group.shutdown()
+
+
+@dataclass
+class RolloutRequest:
+    """Rollouts in flight. `result()` survives a rollout worker that died: the same samples are sampled again with
+    the same seed once the restarted worker has the current weights, so no sample is lost or drawn twice."""
+
+    pipe: Pipeline
+    samples: list[Sample]
+    seed: int
+    pending: object
+
+    def result(self) -> list:
+        for _ in range(RESTARTS):
+            try:
+                return self.pending.result()
+            except (RayActorError, StaleWeightsError) as err:
+                log.warning("a rollout worker failed (%s); restoring its weights and sampling the batch again",
+                            type(err).__name__)  # fmt: skip
+                self.pipe.recover_rollout_workers()
+                self.pending = self.pipe.rollout.scatter_async("generate", self.samples, seed=self.seed)
+        return self.pending.result()

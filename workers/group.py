@@ -57,10 +57,14 @@ class WorkerGroup:
     """`call_all` runs a method on every actor; `scatter` splits a list across them and joins the results in order."""
 
     def __init__(self, cls: type, n: int, num_cpus: float, num_gpus: float, args: tuple = (), name: str = "",
-                 timeout_s: float = 600.0, wait: bool = True):  # fmt: skip
+                 timeout_s: float = 600.0, wait: bool = True, max_restarts: int = 0,
+                 max_task_retries: int = 0):  # fmt: skip
+        """`max_restarts`: Ray restarts a dead actor (re-running its constructor) up to this many times;
+        `max_task_retries`: calls that were running on it are resubmitted to the restarted actor."""
         import ray
 
-        remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(cls)
+        remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                max_task_retries=max_task_retries)(cls)  # fmt: skip
         self.timeout_s = timeout_s
         self.actors = [
             remote_cls.options(name=f"{name}-{i}" if name else None).remote(*args, worker_index=i) for i in range(n)
@@ -72,6 +76,20 @@ class WorkerGroup:
         """Resolves when every actor is constructed; construction errors (a bad model folder, an engine that
         fails to start) surface here rather than at the first call."""
         return Pending([a.__ray_ready__.remote() for a in self.actors], flat=False, timeout_s=self.timeout_s)
+
+    def wait_restarted(self) -> None:
+        """Block until every actor answers again (Ray is restarting a dead one: it refuses calls meanwhile)."""
+        from ray.exceptions import ActorUnavailableError
+
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                self.ready().result()
+                return
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def call_all(self, method: str, *args, **kwargs) -> list[Any]:
         import ray

@@ -122,6 +122,26 @@ def test_sync_then_async_steps_keep_rollout_weights_equal_and_versions_in_bound(
     assert float((after - before).abs().max()) > 100 * PROBE_TOL  # and the weights did move
 
 
+def test_killed_rollout_and_teacher_workers_are_restarted_and_their_work_is_redone(pipe, batch, samples_and_processor):
+    import ray
+
+    samples, _ = samples_and_processor
+    expected = pipe.generate_async(samples, seed=123).result()
+    request = pipe.generate_async(samples, seed=123)
+    ray.kill(pipe.rollout.actors[0], no_restart=False)  # dies mid-generation; Ray restarts it, stale
+    got = request.result()
+    assert [r.sample_id for r in got] == [s.id for s in samples]  # every sample once: none lost, none twice
+    assert [r.completion_ids for r in got] == [r.completion_ids for r in expected]  # same seed, same weights
+    assert {r.version for r in got} == {pipe.version} and probe_gap(pipe) < PROBE_TOL
+
+    _, _, plan = batch
+    before, _ = pipe.score(plan)
+    ray.kill(pipe.teachers["reasoning"].actors[0], no_restart=False)
+    after, _ = pipe.score(plan)  # the call waits for the restart and is resubmitted
+    for name in before:
+        assert all(torch.equal(a.hidden, b.hidden) for a, b in zip(before[name], after[name], strict=True))
+
+
 def test_a_rollout_worker_without_weights_refuses_to_sample(tiny_fast, cache_dir, samples_and_processor):
     from workers.rollout import RolloutWorker, StaleWeightsError
 
