@@ -20,7 +20,7 @@ from vigos_ray.config import Config, save_config
 from vigos_ray.data import PromptStream, read_files
 from vigos_ray.easyvqa import write_easyvqa_jsonl
 from vigos_ray.metrics import MetricsFile, step_record
-from vigos_ray.models import load_processor, resolve_model_path
+from vigos_ray.models import check_teacher_checkpoints, load_processor, resolve_model_path
 from vigos_ray.objective import plan_batch
 from vigos_ray.pipeline import Pipeline
 from vigos_ray.preemption import Preempted, Preemption
@@ -53,6 +53,7 @@ def run(cfg: Config) -> Path:
     save_config(cfg, run_dir / "config.yaml")
     model_path = resolve_model_path(cfg.model, cfg.run.cache_dir, seed=cfg.run.seed).resolve()
     processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
+    check_teacher_checkpoints(cfg, model_path)
     prompts = prompt_stream(cfg, processor)
     checkpoints = Checkpointer(cfg.checkpoint, run_dir / "checkpoints")
     resume = resume_path(cfg.checkpoint, checkpoints.root)
@@ -65,6 +66,8 @@ def run(cfg: Config) -> Path:
             pipe.restore_learner(resume)
             prompts.load_state_dict(start.data)
             log.info("resumed from %s at step %d (policy version %d)", resume, start.step, pipe.version)
+            if start.step >= cfg.run.steps:
+                log.info("the run is already complete (run.steps=%d); writing final/ again", cfg.run.steps)
         with MetricsFile(run_dir / "metrics.jsonl", from_step=start.step if start else 0) as metrics, Preemption(
             cfg.checkpoint.grace_s
         ) as preemption:

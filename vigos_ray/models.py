@@ -196,3 +196,21 @@ def write_model_folder(source: str | Path, weights: dict, out: Path) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def check_teacher_checkpoints(cfg, student_path: Path) -> None:
+    """Each `teachers.<role>.checkpoint` must be a model folder whose tokenizer is the student's: the teachers
+    score the student's token ids, and a different vocabulary would silently score other tokens."""
+    student = load_processor(student_path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
+    for role, pool in cfg.teachers.pools().items():
+        if not pool.checkpoint:
+            continue
+        key = f"teachers.{role}.checkpoint"
+        path = Path(pool.checkpoint).expanduser()
+        check_model_folder(path, key=key)
+        teacher = load_processor(path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
+        if len(teacher) != len(student) or teacher.get_vocab() != student.get_vocab():
+            raise ModelFolderError(
+                f"{key}={path} has a {len(teacher):,}-token vocabulary that differs from the student's "
+                f"({len(student):,} tokens, model.path); a teacher must share the student's tokenizer"
+            )

@@ -204,3 +204,14 @@ def test_a_push_whose_bytes_differ_from_the_senders_is_refused_and_leaves_the_wo
     assert all(torch.equal(before[n], p) for n, p in worker._hf_model.state_dict().items())  # nothing loaded
     with pytest.raises(StaleWeightsError):
         worker.generate(samples[:1], seed=0)
+
+
+def test_a_teacher_checkpoint_with_another_vocabulary_is_refused_naming_the_key(tiny_fast, tiny_qwen_vocab):
+    from vigos_ray.models import check_teacher_checkpoints
+
+    cfg = load_config(overrides=[f"model.path={tiny_fast}", f"teachers.reasoning.checkpoint={tiny_qwen_vocab}"])
+    message = r"teachers.reasoning.checkpoint=.*151,665-token vocabulary .*\(532 tokens"
+    with pytest.raises(ModelFolderError, match=message):
+        check_teacher_checkpoints(cfg, tiny_fast)
+    same = load_config(overrides=[f"model.path={tiny_fast}", f"teachers.perception.checkpoint={tiny_fast}"])
+    check_teacher_checkpoints(same, tiny_fast)  # the student's own folder is fine

@@ -1,4 +1,4 @@
-"""The driver process stopped and started again, as a preempted or crashed job is: `launch/run.py` subprocesses."""
+"""`python launch/run.py` as a newcomer runs it, stopped and started again as a preempted or crashed job is."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from vigos_ray.config import load_config
+from vigos_ray.models import load_model
 
 from ..conftest import REPO
 
@@ -60,7 +63,10 @@ def test_sigterm_mid_run_writes_a_checkpoint_exits_nonzero_and_a_restart_resumes
     log = (tmp_path / "second.log").read_text()
     assert f"resumed from {run_dir / 'checkpoints' / stopped_at} at step {steps_done}" in log
     assert versions(run_dir) == [1, 2, 3, 4]  # every step once: none skipped, none repeated in the metrics
-    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert load_config(run_dir / "config.yaml").learner.prompts_per_step == 2  # the resolved config, reloadable
+    trained, initial = load_model(run_dir / "final").state_dict(), load_model(tiny_fast).state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)  # the exported model is the trained one
 
 
 @pytest.mark.slow
