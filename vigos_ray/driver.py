@@ -68,9 +68,8 @@ def run(cfg: Config) -> Path:
             log.info("resumed from %s at step %d (policy version %d)", resume, start.step, pipe.version)
             if start.step >= cfg.run.steps:
                 log.info("the run is already complete (run.steps=%d); writing final/ again", cfg.run.steps)
-        with MetricsFile(run_dir / "metrics.jsonl", from_step=start.step if start else 0) as metrics, Preemption(
-            cfg.checkpoint.grace_s
-        ) as preemption:
+        metrics = MetricsFile(run_dir / "metrics.jsonl", from_step=start.step if start else 0)
+        with metrics, Preemption(cfg.checkpoint.grace_s) as preemption:
             train(cfg, pipe, processor, prompts, metrics.write, start, checkpoints, preemption)
         final = pipe.export(run_dir / "final")
         log.info("trained %d steps; model written to %s, metrics to %s", cfg.run.steps, final, metrics.path)
