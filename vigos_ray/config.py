@@ -152,9 +152,15 @@ class TeacherPoolConfig:
     checkpoint: str = ""
     # Tokens per forward pass (contexts + scored completion), the batching budget.
     token_budget: int = 8192
+    # Autoscaling between max(min_workers, 1) and max_workers: a scoring call slower than `scale_up_s` adds a
+    # worker; when no call was slower than half of it for `idle_s` seconds, one worker is released.
+    scale_up_s: float = 30.0
+    idle_s: float = 120.0
 
     def check(self, role: str) -> None:
         key = f"teachers.{role}"
+        _require(self.scale_up_s > 0, f"{key}.scale_up_s", f"must be > 0 (got {self.scale_up_s})")
+        _require(self.idle_s > 0, f"{key}.idle_s", f"must be > 0 (got {self.idle_s})")
         _require(self.min_workers >= 0, f"{key}.min_workers", f"must be >= 0 (got {self.min_workers})")
         _require(self.max_workers >= 1, f"{key}.max_workers", f"must be >= 1 (got {self.max_workers})")
         _require(

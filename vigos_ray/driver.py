@@ -116,6 +116,7 @@ def train(
                   "learner": t_train - t_score, "push": time.perf_counter() - t_train}  # fmt: skip
         seconds = time.perf_counter() - t0
         record = step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teacher_s, seconds)
+        record.update(pipe.pool_metrics())
         on_step(record)
         bar.set_postfix(loss=f"{record['loss']:.4g}", valid=f"{record['valid_rate']:.2f}", v=record["version"])
         stop = preemption is not None and preemption.requested

@@ -24,6 +24,7 @@ from vigos_ray.objective import BatchPlan, segments
 from vigos_ray.weight_sync import PushReport, WeightSyncError
 from workers.group import WorkerGroup, wait_all
 from workers.learner import LearnerWorker
+from workers.pool import TeacherPool
 from workers.rollout import RolloutWorker, StaleWeightsError
 from workers.teacher import TeacherWorker
 
@@ -38,13 +39,13 @@ class Pipeline:
         r, lc, timeout = cfg.rollout, cfg.learner, cfg.weight_sync.timeout_s
         args = (cfg, str(model_path))
         # Every actor starts at once (the vLLM engine alone takes ~12 s on CPU), then we wait for all of them.
-        # Teachers are stateless: Ray restarts a dead one and resubmits its calls. A restarted rollout worker is
-        # stale, so its calls are not resubmitted blindly: RolloutRequest pushes it the weights first.
+        # Teachers are stateless: Ray restarts a dead one and resubmits its calls; each role's pool autoscales.
+        # A restarted rollout worker is stale, so its calls are not resubmitted blindly: RolloutRequest pushes
+        # it the weights first.
         self.rollout = WorkerGroup(RolloutWorker, r.workers, r.num_cpus, r.num_gpus, args, "rollout", timeout, False,
                                    max_restarts=RESTARTS)  # fmt: skip
         self.teachers = {
-            role: WorkerGroup(TeacherWorker, max(pool.min_workers, 1), pool.num_cpus, pool.num_gpus,
-                              (*args, role), f"teacher-{role}", timeout, False, RESTARTS, RESTARTS)  # fmt: skip
+            role: TeacherPool(TeacherWorker, pool, (*args, role), f"teacher-{role}", timeout, RESTARTS)
             for role, pool in cfg.teachers.pools().items()
         }
         self.learner = WorkerGroup(LearnerWorker, lc.workers, lc.num_cpus, lc.num_gpus, args, "learner", timeout,
@@ -105,7 +106,13 @@ class Pipeline:
             if (rows := plan.teacher_rows.get(seg.name))
         }
         targets, seconds = wait_all(pending)
+        for seg in plan.segments:  # each pool scales on how long its own call took
+            if seg.name in seconds:
+                self.teachers[seg.teacher].observe(seconds[seg.name])
         return {seg.name: targets.get(seg.name, []) for seg in plan.segments}, seconds
+
+    def pool_metrics(self) -> dict[str, int]:
+        return {f"pool/{role}/{k}": v for role, pool in self.teachers.items() for k, v in pool.status().items()}
 
     def train(self, plan: BatchPlan, targets: dict[str, list]) -> list[dict]:
         """One optimizer step on every learner rank; returns each rank's stats."""

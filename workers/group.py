@@ -27,6 +27,16 @@ class Pending:
         return [x for part in parts for x in part] if self.flat else parts
 
 
+def split_by_cost(cost: Sequence[int], n: int) -> list[int]:
+    """n + 1 bounds cutting items (in order) into n contiguous shards of about equal total cost."""
+    total, bounds, acc = sum(cost), [0], 0
+    for i, c in enumerate(cost):
+        acc += c
+        while len(bounds) < n and acc >= total * len(bounds) / n:
+            bounds.append(i + 1)
+    return bounds + [len(cost)] * (n + 1 - len(bounds))
+
+
 @dataclass
 class Ready:
     """A result already in hand, with Pending's interface (rollouts restored from a checkpoint)."""
@@ -112,14 +122,7 @@ class WorkerGroup:
 
     def scatter_async(self, method: str, items: Sequence, cost: Sequence[int] | None = None, **kwargs) -> Pending:
         """Split `items` into contiguous shards of about equal total `cost` (default 1 each), one per actor."""
-        cost = list(cost) if cost is not None else [1] * len(items)
-        total, n = sum(cost), len(self.actors)
-        bounds, acc = [0], 0
-        for i, c in enumerate(cost):
-            acc += c
-            while len(bounds) < n and acc >= total * len(bounds) / n:
-                bounds.append(i + 1)
-        bounds += [len(items)] * (n + 1 - len(bounds))
+        bounds = split_by_cost(cost if cost is not None else [1] * len(items), len(self.actors))
         refs = [
             getattr(a, method).remote(list(items[lo:hi]), **kwargs)
             for a, lo, hi in zip(self.actors, bounds, bounds[1:], strict=False)

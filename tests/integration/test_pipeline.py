@@ -117,6 +117,7 @@ def test_sync_then_async_steps_keep_rollout_weights_equal_and_versions_in_bound(
     assert lags[:3] == [{"lag/0": 4}] * 3  # sync: strictly on-policy
     assert lags[3] == {"lag/0": 4} and lags[4:] == [{"lag/1": 4}] * 2  # async: one batch sampled ahead
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["push/bytes"] > 0 for r in records)
+    assert all(r["pool/perception/workers"] == 1 and r["pool/reference/starting"] == 0 for r in records)
     assert max(gaps) < PROBE_TOL, gaps  # after every push the engine computes what the learner computes
     after = torch.tensor(pipe.rollout.call_all("token_logprobs", PROBE)[0])
     assert float((after - before).abs().max()) > 100 * PROBE_TOL  # and the weights did move
