@@ -90,3 +90,20 @@ def test_kill_9_of_the_driver_and_a_restart_end_with_the_uninterrupted_runs_weig
     b = load_file(broken / "r" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert versions(broken / "r") == versions(whole / "r") == [1, 2, 3, 4]
+
+
+def test_a_bad_record_met_mid_run_stops_it_naming_the_record_and_the_trained_steps_stay(tmp_path, tiny_fast):
+    from vigos_ray.easyvqa import write_easyvqa_jsonl
+
+    good = [json.loads(line) for line in write_easyvqa_jsonl(tmp_path / "easyvqa", "test").read_text().splitlines()[:2]]
+    bad = {"id": "q-bad", "problem": "What shape is it?", "answer": "circle", "image": "no/such.png"}
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*good, bad]))
+    cmd = command(tmp_path, tiny_fast, "data.source=files", f"data.train_files=[{data}]", "data.shuffle=false",
+                  "data.on_bad_record=raise", "checkpoint.every_steps=1", "run.steps=2")  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: bad record at {data}:3 (id 'q-bad'): image file" in proc.stderr
+    assert "or set data.on_bad_record=skip" in proc.stderr and "Traceback" not in proc.stderr
+    run_dir = tmp_path / "r"
+    assert versions(run_dir) == [1] and (run_dir / "checkpoints" / "latest").read_text() == "step_1"
