@@ -78,6 +78,8 @@ class TeacherPool:
     def scatter_async(self, method: str, items: Sequence, cost: Sequence[int] | None = None) -> Pending:
         """`method(shard)` on every serving worker, shards of about equal cost, results concatenated in order."""
         self._promote()
+        if not self.actors:
+            raise RuntimeError(f"{self.name}: no worker is serving (still starting: {len(self.starting)})")
         bounds = split_by_cost(cost if cost is not None else [1] * len(items), len(self.actors))
         refs = [getattr(a, method).remote(list(items[lo:hi]))
                 for a, lo, hi in zip(self.actors, bounds, bounds[1:], strict=False) if hi > lo]  # fmt: skip
