@@ -107,3 +107,24 @@ def test_a_bad_record_met_mid_run_stops_it_naming_the_record_and_the_trained_ste
     assert "or set data.on_bad_record=skip" in proc.stderr and "Traceback" not in proc.stderr
     run_dir = tmp_path / "r"
     assert versions(run_dir) == [1] and (run_dir / "checkpoints" / "latest").read_text() == "step_1"
+
+
+def test_a_dead_learner_rank_fails_the_run_fast_and_leaves_the_last_checkpoint_usable(tmp_path, tiny_fast):
+    from vigos_ray.checkpoint import latest, load_driver_state
+
+    cmd = command(tmp_path, tiny_fast, "checkpoint.every_steps=1", "run.steps=50")
+    proc = start(cmd, tmp_path / "run.log")
+    wait_for_steps(tmp_path / "r" / "metrics.jsonl", 1, proc)
+    for _ in range(300):  # the step's metrics are written before its checkpoint
+        if (tmp_path / "r" / "checkpoints" / "latest").exists():
+            break
+        time.sleep(0.1)
+    ranks = subprocess.run(["pgrep", "-f", "ray::LearnerWorker"], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    t0 = time.monotonic()
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    code = proc.wait(timeout=300)
+    assert code != 0 and time.monotonic() - t0 < 120, (tmp_path / "run.log").read_text()[-3000:]
+    checkpoint = latest(tmp_path / "r" / "checkpoints")
+    assert checkpoint is not None and load_driver_state(checkpoint).step >= 1
+    assert (checkpoint / "learner" / ".metadata").is_file()  # the DCP shards are complete
