@@ -53,7 +53,7 @@ def run(cfg: Config) -> Path:
     save_config(cfg, run_dir / "config.yaml")
     model_path = resolve_model_path(cfg.model, cfg.run.cache_dir, seed=cfg.run.seed).resolve()
     processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
-    check_teacher_checkpoints(cfg, model_path)
+    check_teacher_checkpoints(cfg, processor.tokenizer)
     prompts = prompt_stream(cfg, processor)
     checkpoints = Checkpointer(cfg.checkpoint, run_dir / "checkpoints")
     resume = resume_path(cfg.checkpoint, checkpoints.root)

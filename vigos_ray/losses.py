@@ -169,14 +169,3 @@ def pooled_mean(token_loss: torch.Tensor, global_count: int, world_size: int = 1
     """
     return token_loss.sum() * world_size / max(global_count, 1)
 
-
-def all_reduce_counts(counts: dict[str, int], group=None) -> dict[str, int]:
-    """Sum per-segment token counts over the data-parallel group (identity outside torch.distributed)."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return dict(counts)
-    names = sorted(counts)
-    t = torch.tensor([counts[n] for n in names], dtype=torch.int64)
-    dist.all_reduce(t, group=group)
-    return {n: int(v) for n, v in zip(names, t.tolist(), strict=True)}

@@ -130,6 +130,13 @@ def banned_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
+def next_token_logprobs(model, ids):
+    """log p(ids[t] | ids[:t]) for t >= 1 of one text-only sequence `ids` [1, T] -> float32 [T - 1] (grad mode of
+    the caller). The probe that compares a learner's, a rollout engine's and an exported model's weights."""
+    logits = model(input_ids=ids).logits[0, :-1].float()
+    return logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+
+
 def completion_logprobs(model, context, completion_ids: list[int]):
     """log p(y_t | context, y_<t) of each completion token under `model` (teacher forcing, temperature 1).
 
@@ -158,12 +165,12 @@ def tensor_checksum(t) -> str:
     return hashlib.sha256(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
-def load_output_head(path: str | Path):
+def load_output_head(path: str | Path, key: str):
     """The output head [V', d] of a checkpoint, read alone from its safetensors (the tied embedding if tied)."""
     from safetensors import safe_open
 
     path = Path(path)
-    config = check_model_folder(path, key="teachers.<role>.checkpoint")
+    config = check_model_folder(path, key=key)
     tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
     wanted = ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight") if tied else ("lm_head.weight",)
     for file in sorted(path.glob("*.safetensors")):
@@ -198,10 +205,9 @@ def write_model_folder(source: str | Path, weights: dict, out: Path) -> Path:
     return out
 
 
-def check_teacher_checkpoints(cfg, student_path: Path) -> None:
-    """Each `teachers.<role>.checkpoint` must be a model folder whose tokenizer is the student's: the teachers
-    score the student's token ids, and a different vocabulary would silently score other tokens."""
-    student = load_processor(student_path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
+def check_teacher_checkpoints(cfg, student) -> None:
+    """Each `teachers.<role>.checkpoint` must be a model folder whose tokenizer is `student` (the student's): the
+    teachers score the student's token ids, and a different vocabulary would silently score other tokens."""
     for role, pool in cfg.teachers.pools().items():
         if not pool.checkpoint:
             continue

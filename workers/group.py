@@ -37,6 +37,15 @@ def split_by_cost(cost: Sequence[int], n: int) -> list[int]:
     return bounds + [len(cost)] * (n + 1 - len(bounds))
 
 
+def scatter(actors: Sequence, method: str, items: Sequence, cost: Sequence[int] | None, timeout_s: float,
+            **kwargs) -> Pending:  # fmt: skip
+    """`method(shard, **kwargs)` on each actor, shards contiguous and of about equal cost; results flat, in order."""
+    bounds = split_by_cost(cost if cost is not None else [1] * len(items), len(actors))
+    refs = [getattr(a, method).remote(list(items[lo:hi]), **kwargs)
+            for a, lo, hi in zip(actors, bounds, bounds[1:], strict=False) if hi > lo]  # fmt: skip
+    return Pending(refs, flat=True, timeout_s=timeout_s)
+
+
 @dataclass
 class Ready:
     """A result already in hand, with Pending's interface (rollouts restored from a checkpoint)."""
@@ -122,17 +131,7 @@ class WorkerGroup:
 
     def scatter_async(self, method: str, items: Sequence, cost: Sequence[int] | None = None, **kwargs) -> Pending:
         """Split `items` into contiguous shards of about equal total `cost` (default 1 each), one per actor."""
-        bounds = split_by_cost(cost if cost is not None else [1] * len(items), len(self.actors))
-        refs = [
-            getattr(a, method).remote(list(items[lo:hi]), **kwargs)
-            for a, lo, hi in zip(self.actors, bounds, bounds[1:], strict=False)
-            if hi > lo
-        ]
-        return Pending(refs, flat=True, timeout_s=self.timeout_s)
-
-    def scatter(self, method: str, items: Sequence, cost: Sequence[int] | None = None, **kwargs) -> list:
-        """`scatter_async(...).result()`: the shards' results concatenated in item order."""
-        return self.scatter_async(method, items, cost, **kwargs).result()
+        return scatter(self.actors, method, items, cost, self.timeout_s, **kwargs)
 
     def shutdown(self) -> None:
         import ray

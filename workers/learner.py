@@ -21,7 +21,14 @@ from torch import nn
 from vigos_ray import weight_sync
 from vigos_ray.batching import MicroBatch, TrainBatch
 from vigos_ray.config import Config
-from vigos_ray.models import load_model, load_output_head, load_processor
+from vigos_ray.models import (
+    load_model,
+    load_output_head,
+    load_processor,
+    next_token_logprobs,
+    tensor_checksum,
+    write_model_folder,
+)
 from vigos_ray.objective import segments, student_loss
 from vigos_ray.scoring import output_head
 
@@ -38,8 +45,7 @@ class LossModule(nn.Module):
         """(weighted loss, stats) of a micro-batch, or, given token ids [1, T], their next-token log-probs [T-1]:
         every use of the weights goes through here, so that FSDP's root hooks gather what it holds."""
         if isinstance(micro, torch.Tensor):
-            logits = self.student(input_ids=micro).logits[0, :-1].float()
-            return torch.log_softmax(logits, -1).gather(1, micro[0, 1:, None])[:, 0]
+            return next_token_logprobs(self.student, micro)
         loss, stats = student_loss(self.student, micro.plan, micro.targets, self.cfg, self.vocab_size,
                                    self.teacher_heads, global_counts, world_size, self.pad_id)  # fmt: skip
         return loss * micro.weight, stats
@@ -63,6 +69,7 @@ class LearnerWorker:
     def __init__(self, cfg: Config, model_path: str | Path, worker_index: int = 0):
         self.cfg, self.model_path, self.rank = cfg, str(model_path), worker_index
         self.version = 0
+        self.sync = None  # the weight-push group (rank 0 only)
         self.device = torch.device("cuda" if cfg.learner.num_gpus > 0 else "cpu")
         tokenizer = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
         self.vocab_size, self.pad_id = len(tokenizer), tokenizer.pad_token_id or 0
@@ -104,7 +111,8 @@ class LearnerWorker:
         for seg in segments(self.cfg.loss):
             checkpoint = self.cfg.teachers.pools()[seg.teacher].checkpoint
             if checkpoint and checkpoint not in by_path:
-                by_path[checkpoint] = load_output_head(checkpoint).to(self.device)
+                key = f"teachers.{seg.teacher}.checkpoint"
+                by_path[checkpoint] = load_output_head(checkpoint, key).to(self.device)
             heads[seg.name] = by_path[checkpoint] if checkpoint else initial_head
         return heads
 
@@ -199,6 +207,15 @@ class LearnerWorker:
 
         return weight_sync.merged_weights(gathered(), self.lora_scaling)
 
+    def _weights_on_rank0(self):
+        """`_full_weights()` on rank 0; other ranks take part in every all-gather, keep nothing, and get None."""
+        weights = self._full_weights()
+        if self.rank == 0:
+            return weights
+        for _ in weights:
+            pass
+        return None
+
     def weight_specs(self) -> list[weight_sync.TensorSpec]:
         """Names, shapes and dtype of a push, in push order (no communication)."""
         shapes = ((n, tuple(p.shape)) for n, p in self.student.named_parameters())
@@ -213,12 +230,10 @@ class LearnerWorker:
     def push_weights(self, specs: list[weight_sync.TensorSpec], transport: str, bucket_bytes: int):
         """Every rank gathers; rank 0 sends. Returns rank 0's PushReport and object refs (object_store), else None."""
         t0 = time.perf_counter()
-        weights = self._full_weights()
-        if self.rank != 0:
-            for _ in weights:  # take part in every all-gather, keep nothing
-                pass
+        weights = self._weights_on_rank0()
+        if weights is None:
             return None
-        checksum, nbytes, refs = weight_sync.send(weights, specs, bucket_bytes, transport, getattr(self, "sync", None))
+        checksum, nbytes, refs = weight_sync.send(weights, specs, bucket_bytes, transport, self.sync)
         report = weight_sync.PushReport(self.version, nbytes, time.perf_counter() - t0, checksum, transport)
         return report, refs
 
@@ -229,19 +244,14 @@ class LearnerWorker:
         return self.module(torch.tensor([ids], device=self.device)).tolist()
 
     def head_checksums(self) -> dict[str, str]:
-        from vigos_ray.models import tensor_checksum
-
-        return {name: tensor_checksum(h) for name, h in self.heads.items()}
+        by_tensor = {id(h): tensor_checksum(h) for h in self.heads.values()}  # segments often share one head
+        return {name: by_tensor[id(h)] for name, h in self.heads.items()}
 
     def export(self, path: str) -> str | None:
         """Write a Hugging Face folder (config, tokenizer, safetensors; LoRA merged) that transformers and vLLM
         load. A collective; rank 0 writes, into a temporary folder renamed into place when complete."""
-        from vigos_ray.models import write_model_folder
-
-        weights = self._full_weights()
-        if self.rank != 0:
-            for _ in weights:
-                pass
+        weights = self._weights_on_rank0()
+        if weights is None:
             return None
         return str(write_model_folder(self.model_path, dict(weights), Path(path)))
 

@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from vigos_ray.config import TeacherPoolConfig
-from workers.group import Pending, split_by_cost
+from workers.group import Pending, scatter
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,7 @@ class TeacherPool:
         self._promote()
         if not self.actors:
             raise RuntimeError(f"{self.name}: no worker is serving (still starting: {len(self.starting)})")
-        bounds = split_by_cost(cost if cost is not None else [1] * len(items), len(self.actors))
-        refs = [getattr(a, method).remote(list(items[lo:hi]))
-                for a, lo, hi in zip(self.actors, bounds, bounds[1:], strict=False) if hi > lo]  # fmt: skip
-        return Pending(refs, flat=True, timeout_s=self.timeout_s)
+        return scatter(self.actors, method, items, cost, self.timeout_s)
 
     def observe(self, seconds: float) -> None:
         """Feed the wall time of one scoring call: slower than `scale_up_s` grows the pool by one worker; no call

@@ -8,11 +8,12 @@ learner has pushed it weights, so it never samples from weights nobody asked for
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from vigos_ray.config import Config
 from vigos_ray.data import Sample
-from vigos_ray.models import load_model, load_processor, sampling_token_ids
+from vigos_ray.models import load_model, load_processor, next_token_logprobs, sampling_token_ids
 from vigos_ray.prompts import encode, student_text
 from vigos_ray.sampling import banned_rows, hf_rollouts, make_rollout, sample_seed
 from vigos_ray.types import Rollout
@@ -108,8 +109,6 @@ class RolloutWorker:
     def receive_weights(self, version: int, specs: list[TensorSpec], transport: str, bucket_bytes: int,
                         refs: list | None = None, expected: str = "") -> dict:  # fmt: skip
         """Receive a push, verify its checksum, load it into the engine, reset caches; returns what arrived."""
-        import time
-
         t0 = time.perf_counter()
         self.version = None  # stale until the new weights are verified and loaded
         named, checksum, nbytes = receive(specs, bucket_bytes, transport, self._sync, refs or [], expected)
@@ -133,8 +132,7 @@ class RolloutWorker:
 
         if self._engine is None:
             with torch.no_grad():
-                logits = self._hf_model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-            return torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+                return next_token_logprobs(self._hf_model, torch.tensor([ids])).tolist()
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)

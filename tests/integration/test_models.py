@@ -209,9 +209,10 @@ def test_a_push_whose_bytes_differ_from_the_senders_is_refused_and_leaves_the_wo
 def test_a_teacher_checkpoint_with_another_vocabulary_is_refused_naming_the_key(tiny_fast, tiny_qwen_vocab):
     from vigos_ray.models import check_teacher_checkpoints
 
+    student = load_processor(tiny_fast, 3136, 12544).tokenizer
     cfg = load_config(overrides=[f"model.path={tiny_fast}", f"teachers.reasoning.checkpoint={tiny_qwen_vocab}"])
     message = r"teachers.reasoning.checkpoint=.*151,665-token vocabulary .*\(532 tokens"
     with pytest.raises(ModelFolderError, match=message):
-        check_teacher_checkpoints(cfg, tiny_fast)
+        check_teacher_checkpoints(cfg, student)
     same = load_config(overrides=[f"model.path={tiny_fast}", f"teachers.perception.checkpoint={tiny_fast}"])
-    check_teacher_checkpoints(same, tiny_fast)  # the student's own folder is fine
+    check_teacher_checkpoints(same, student)  # the student's own folder is fine
