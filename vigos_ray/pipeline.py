@@ -21,7 +21,7 @@ from vigos_ray.batching import split_batch
 from vigos_ray.config import Config
 from vigos_ray.data import Sample
 from vigos_ray.objective import BatchPlan, segments
-from vigos_ray.weight_sync import PushReport, WeightSyncError
+from vigos_ray.weight_sync import PushGroupError, PushReport, WeightSyncError
 from workers.group import WorkerGroup, wait_all
 from workers.learner import LearnerWorker
 from workers.pool import TeacherPool
@@ -123,7 +123,21 @@ class Pipeline:
 
     def push_weights(self) -> tuple[PushReport, list[dict]]:
         """Learner weights -> every rollout worker, verified; returns the report (seconds: from the call to the last
-        worker's weights loaded) and each worker's receipt."""
+        worker's weights loaded) and each worker's receipt. A rollout worker that dies before or during the push
+        breaks it for every member: wait for Ray's restart, re-form the push group and push again."""
+        for attempt in range(RESTARTS + 1):
+            try:
+                return self._push_once()
+            except (RayActorError, PushGroupError) as err:
+                if attempt == RESTARTS:
+                    raise
+                log.warning("weight push %d failed (%s); re-forming the push group and pushing again",
+                            self.version, str(err).strip().splitlines()[-1])  # fmt: skip
+                self.rollout.wait_restarted()
+                self._open_sync_group()
+        raise AssertionError("unreachable")
+
+    def _push_once(self) -> tuple[PushReport, list[dict]]:
         ws = self.cfg.weight_sync
         bucket = ws.bucket_mb * 2**20
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ leaves the rollout worker stale (it refuses to sample) instead of sampling from 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import socket
 from collections.abc import Iterable, Iterator, Sequence
@@ -110,6 +111,10 @@ class WeightSyncError(RuntimeError):
     """What arrived differs from what was sent; the receiver stays stale."""
 
 
+class PushGroupError(WeightSyncError):
+    """The weight-push group broke mid-push (a member died or timed out); re-form the group and push again."""
+
+
 class Checksum:
     """BLAKE2b over the bytes of every bucket in order: sender and receivers must agree exactly."""
 
@@ -138,10 +143,33 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
-def sync_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0):
-    """A gloo process group of its own on its own TCP store (rank 0 hosts the store)."""
-    store = torch.distributed.TCPStore(host, port, world_size, rank == 0, timedelta(seconds=timeout_s))
-    return torch.distributed.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
+class SyncGroup:
+    """A gloo process group of its own, on its own TCP store (rank 0 hosts the store), for weight pushes.
+
+    A failed broadcast (a member died: gloo notices the closed connection at once; a member hung: after
+    `timeout_s`) raises PushGroupError and closes this end of the group, which makes the members still waiting in
+    it fail at once too instead of at their timeout. A closed group refuses further use: form a new one."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0):
+        self._store = torch.distributed.TCPStore(host, port, world_size, rank == 0, timedelta(seconds=timeout_s))
+        self._pg = torch.distributed.ProcessGroupGloo(self._store, rank, world_size, timedelta(seconds=timeout_s))
+
+    def broadcast(self, buffer: torch.Tensor) -> None:
+        """Rank 0's `buffer` into every member's `buffer`."""
+        if self._pg is None:
+            raise PushGroupError("this weight-push group was closed after a failure; form a new one")
+        try:
+            self._pg.broadcast(buffer, 0).wait()
+        except RuntimeError as err:
+            message = f"the weight-push group broke: {str(err).splitlines()[0]}"
+        else:
+            return
+        self.close()
+        raise PushGroupError(message)
+
+    def close(self) -> None:
+        self._pg = self._store = None
+        gc.collect()  # drop the last reference now: gloo closes its connections when the group is destroyed
 
 
 def send(
@@ -165,14 +193,14 @@ def send(
         checksum.update(buffer)
         total += buffer.numel()
         if transport == "collective":
-            group.broadcast(buffer, 0).wait()
+            group.broadcast(buffer)
         else:
             import ray
 
             refs.append(ray.put(buffer))
     digest = checksum.hexdigest()
     if transport == "collective":  # receivers verify before they apply anything
-        group.broadcast(torch.frombuffer(bytearray.fromhex(digest), dtype=torch.uint8), 0).wait()
+        group.broadcast(torch.frombuffer(bytearray.fromhex(digest), dtype=torch.uint8))
     return digest, total, refs
 
 
@@ -184,7 +212,7 @@ def receive(specs: Sequence[TensorSpec], bucket_bytes: int, transport: str, grou
         bucket_specs = [specs[i] for i in bucket]
         if transport == "collective":
             buffer = torch.empty(sum(s.nbytes for s in bucket_specs), dtype=torch.uint8)
-            group.broadcast(buffer, 0).wait()
+            group.broadcast(buffer)
         else:
             import ray
 
@@ -194,7 +222,7 @@ def receive(specs: Sequence[TensorSpec], bucket_bytes: int, transport: str, grou
         named += [(s.name, t) for s, t in zip(bucket_specs, unpack(buffer, bucket_specs), strict=True)]
     if transport == "collective":
         digest = torch.empty(16, dtype=torch.uint8)
-        group.broadcast(digest, 0).wait()
+        group.broadcast(digest)
         expected = bytes(digest.tolist()).hex()
     arrived = checksum.hexdigest()
     if arrived != expected:

@@ -225,7 +225,7 @@ class LearnerWorker:
     def open_sync_group(self, host: str, port: int, world_size: int) -> None:
         """Rank 0 joins the weight-push group as its rank 0 (the store host); other ranks have nothing to do."""
         if self.rank == 0:
-            self.sync = weight_sync.sync_group(host, port, 0, world_size)
+            self.sync = weight_sync.SyncGroup(host, port, 0, world_size, self.cfg.weight_sync.timeout_s)
 
     def push_weights(self, specs: list[weight_sync.TensorSpec], transport: str, bucket_bytes: int):
         """Every rank gathers; rank 0 sends. Returns rank 0's PushReport and object refs (object_store), else None."""
@@ -233,7 +233,12 @@ class LearnerWorker:
         weights = self._weights_on_rank0()
         if weights is None:
             return None
-        checksum, nbytes, refs = weight_sync.send(weights, specs, bucket_bytes, transport, self.sync)
+        try:
+            checksum, nbytes, refs = weight_sync.send(weights, specs, bucket_bytes, transport, self.sync)
+        except weight_sync.PushGroupError:
+            for _ in weights:  # the other ranks are still gathering: finish every all-gather with them, then fail
+                pass
+            raise
         report = weight_sync.PushReport(self.version, nbytes, time.perf_counter() - t0, checksum, transport)
         return report, refs
 

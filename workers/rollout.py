@@ -17,7 +17,7 @@ from vigos_ray.models import load_model, load_processor, next_token_logprobs, sa
 from vigos_ray.prompts import encode, student_text
 from vigos_ray.sampling import banned_rows, hf_rollouts, make_rollout, sample_seed
 from vigos_ray.types import Rollout
-from vigos_ray.weight_sync import TensorSpec, receive, sync_group
+from vigos_ray.weight_sync import SyncGroup, TensorSpec, receive
 
 
 class StaleWeightsError(RuntimeError):
@@ -104,7 +104,7 @@ class RolloutWorker:
 
     def open_sync_group(self, host: str, port: int, world_size: int) -> None:
         """Join the weight-push group as rank 1 + worker_index (learner rank 0 is rank 0)."""
-        self._sync = sync_group(host, port, 1 + self.worker_index, world_size)
+        self._sync = SyncGroup(host, port, 1 + self.worker_index, world_size, self.cfg.weight_sync.timeout_s)
 
     def receive_weights(self, version: int, specs: list[TensorSpec], transport: str, bucket_bytes: int,
                         refs: list | None = None, expected: str = "") -> dict:  # fmt: skip

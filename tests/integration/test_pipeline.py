@@ -123,7 +123,8 @@ def test_sync_then_async_steps_keep_rollout_weights_equal_and_versions_in_bound(
     assert float((after - before).abs().max()) > 100 * PROBE_TOL  # and the weights did move
 
 
-def test_killed_rollout_and_teacher_workers_are_restarted_and_their_work_is_redone(pipe, batch, samples_and_processor):
+def test_killed_rollout_and_teacher_workers_are_restarted_and_their_work_is_redone(pipe, batch, samples_and_processor,
+                                                                                   caplog):  # fmt: skip
     import ray
 
     samples, _ = samples_and_processor
@@ -134,6 +135,12 @@ def test_killed_rollout_and_teacher_workers_are_restarted_and_their_work_is_redo
     assert [r.sample_id for r in got] == [s.id for s in samples]  # every sample once: none lost, none twice
     assert [r.completion_ids for r in got] == [r.completion_ids for r in expected]  # same seed, same weights
     assert {r.version for r in got} == {pipe.version} and probe_gap(pipe) < PROBE_TOL
+
+    ray.kill(pipe.rollout.actors[0], no_restart=False)  # a member of the push group dies: the push breaks
+    report, receipts = pipe.push_weights()  # ... and is redone over a re-formed group
+    assert "weight push" in caplog.text and "re-forming the push group" in caplog.text
+    assert [(r["version"], r["checksum"]) for r in receipts] == [(pipe.version, report.checksum)]
+    assert probe_gap(pipe) < PROBE_TOL
 
     _, _, plan = batch
     before, _ = pipe.score(plan)

@@ -6,7 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-from vigos_ray.weight_sync import Checksum, TensorSpec, merged_weights, pack, plan_buckets, unpack
+from vigos_ray.weight_sync import (
+    Checksum,
+    PushGroupError,
+    SyncGroup,
+    TensorSpec,
+    free_port,
+    merged_weights,
+    pack,
+    plan_buckets,
+    receive,
+    send,
+    unpack,
+)
 from workers.learner import lr_lambda
 
 
@@ -60,6 +72,59 @@ def test_checksum_sees_a_single_flipped_bit():
     flipped[500] ^= 1
     b.update(flipped)
     assert a.hexdigest() != b.hexdigest()
+
+
+SPECS = [TensorSpec(f"w{i}", (256, 256), "float32") for i in range(4)]  # 4 buckets of 256 KiB
+GROUP_TIMEOUT_S = 120.0
+
+
+def push_member(rank: int, port: int, results) -> None:
+    """One member of a 3-process push: rank 0 sends, rank 1 receives, rank 2 joins the group and dies at once."""
+    import os
+    import time
+
+    group = SyncGroup("127.0.0.1", port, rank, 3, GROUP_TIMEOUT_S)
+    if rank == 2:
+        os._exit(1)
+    t0 = time.monotonic()
+    try:
+        if rank == 0:
+            send(((s.name, torch.ones(s.shape)) for s in SPECS), SPECS, 2**18, "collective", group)
+        else:
+            receive(SPECS, 2**18, "collective", group)
+        results.put((rank, "completed", time.monotonic() - t0))
+    except PushGroupError as err:
+        closed = True
+        try:
+            group.broadcast(torch.zeros(1))
+            closed = False
+        except PushGroupError:
+            pass
+        results.put((rank, f"PushGroupError closed={closed}: {err}", time.monotonic() - t0))
+    if rank == 0:  # the sender lives on (a learner rank does): only closing its end can release rank 1
+        time.sleep(GROUP_TIMEOUT_S)
+
+
+def test_a_dead_member_fails_the_push_for_sender_and_survivors_well_before_the_group_timeout():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), free_port("127.0.0.1")
+    procs = [ctx.Process(target=push_member, args=(rank, port, results)) for rank in range(3)]
+    for proc in procs:
+        proc.start()
+    got = {}
+    try:
+        for _ in range(2):
+            rank, outcome, seconds = results.get(timeout=GROUP_TIMEOUT_S / 2)
+            got[rank] = (outcome, seconds)
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank in (0, 1):  # the sender and the surviving receiver both fail, and neither waits out the timeout
+        outcome, seconds = got[rank]
+        assert outcome.startswith("PushGroupError closed=True: the weight-push group broke"), got
+        assert seconds < GROUP_TIMEOUT_S / 2, got
 
 
 def test_learning_rate_schedules():
