@@ -23,7 +23,7 @@ from vigos_ray.metrics import MetricsFile, step_record
 from vigos_ray.models import check_teacher_checkpoints, load_processor, resolve_model_path
 from vigos_ray.objective import plan_batch
 from vigos_ray.pipeline import Pipeline
-from vigos_ray.preemption import Preempted, Preemption
+from vigos_ray.preemption import DrainWatch, Preempted, Preemption
 from vigos_ray.prompts import encode, student_text
 from vigos_ray.spans import TokenTable, parse_completion
 from workers.group import Ready
@@ -69,7 +69,7 @@ def run(cfg: Config) -> Path:
             if start.step >= cfg.run.steps:
                 log.info("the run is already complete (run.steps=%d); writing final/ again", cfg.run.steps)
         metrics = MetricsFile(run_dir / "metrics.jsonl", from_step=start.step if start else 0)
-        with metrics, Preemption(cfg.checkpoint.grace_s) as preemption:
+        with metrics, Preemption(cfg.checkpoint.grace_s, DrainWatch(pipe.critical_nodes())) as preemption:
             train(cfg, pipe, processor, prompts, metrics.write, start, checkpoints, preemption)
         final = pipe.export(run_dir / "final")
         log.info("trained %d steps; model written to %s, metrics to %s", cfg.run.steps, final, metrics.path)
@@ -117,6 +117,7 @@ def train(
         seconds = time.perf_counter() - t0
         record = step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teacher_s, seconds)
         record.update(pipe.pool_metrics())
+        record.update({f"data/skipped/{kind}": n for kind, n in sorted(prompts.bad_counts.items())})
         on_step(record)
         bar.set_postfix(loss=f"{record['loss']:.4g}", valid=f"{record['valid_rate']:.2f}", v=record["version"])
         stop = preemption is not None and preemption.requested

@@ -168,4 +168,3 @@ def pooled_mean(token_loss: torch.Tensor, global_count: int, world_size: int = 1
     global_count, whatever the split of tokens between ranks (a rank with none contributes zero).
     """
     return token_loss.sum() * world_size / max(global_count, 1)
-

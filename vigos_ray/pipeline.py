@@ -99,9 +99,7 @@ class Pipeline:
     def score(self, plan: BatchPlan) -> tuple[dict[str, list], dict[str, float]]:
         """Every segment's rows scored by its teacher pool, all pools at once; (targets, seconds per segment)."""
         pending = {
-            seg.name: self.teachers[seg.teacher].scatter_async(
-                "score", rows, cost=[len(row.input_ids) for row in rows]
-            )
+            seg.name: self.teachers[seg.teacher].scatter_async("score", rows, cost=[len(row.input_ids) for row in rows])
             for seg in plan.segments
             if (rows := plan.teacher_rows.get(seg.name))
         }
@@ -156,6 +154,11 @@ class Pipeline:
         seconds = time.perf_counter() - t0
         report = PushReport(report.version, report.bytes, seconds, report.checksum, report.transport)
         return report, receipts
+
+    def critical_nodes(self) -> set[str]:
+        """Ray nodes whose loss ends the run: the learner ranks' and the driver's (rollout and teacher actors are
+        restarted elsewhere)."""
+        return {*self.learner.call_all("node_id"), ray.get_runtime_context().get_node_id()}
 
     def save_learner(self, path: Path) -> None:
         self.learner.call_all("save_state", str(path))

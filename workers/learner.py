@@ -79,6 +79,11 @@ class LearnerWorker:
         host = weight_sync.node_ip()
         return host, weight_sync.free_port(host)
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def join(self, host: str, port: int, world_size: int) -> None:
         """Form the FSDP group, load and shard the student, build the optimizer (every rank at once)."""
         if self.device.type == "cuda":

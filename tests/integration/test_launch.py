@@ -71,3 +71,28 @@ def test_gpu_request_is_checked_against_the_live_cluster(ray_cluster):
     )
     with pytest.raises(ResourceError, match=r"asks for 2 GPUs \(teachers.reasoning.min_workers=2 x "):
         check_ray_resources(cfg)
+
+
+BAD_MODELS = {  # case -> (overrides given tmp_path, student and other-vocabulary folders; expected message)
+    "missing folder": (lambda tmp, student, other: [f"model.path={tmp}/nope"],
+                       "is not a directory; point model.path at a Hugging Face model folder"),
+    "other architecture": (lambda tmp, student, other: [f"model.path={tmp}/llama"],
+                           "holds a 'llama' model; supported: qwen2_vl, qwen2_5_vl"),
+    "teacher vocabulary": (lambda tmp, student, other: [f"model.path={student}",
+                                                        f"teachers.reasoning.checkpoint={other}"],
+                           "teachers.reasoning.checkpoint"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODELS))
+def test_run_py_names_a_bad_model_or_teacher_folder_before_any_actor_starts(tmp_path, tiny_fast, tiny_qwen_vocab,
+                                                                            case):  # fmt: skip
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    overrides, message = BAD_MODELS[case]
+    cmd = [sys.executable, "launch/run.py", f"run.output_dir={tmp_path}/runs", f"run.cache_dir={tmp_path}/cache",
+           *overrides(tmp_path, tiny_fast, tiny_qwen_vocab)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert message in proc.stderr.splitlines()[-1], proc.stderr[-3000:]
+    assert "actors up" not in proc.stderr  # refused before any actor was started

@@ -109,6 +109,43 @@ def test_a_bad_record_met_mid_run_stops_it_naming_the_record_and_the_trained_ste
     assert versions(run_dir) == [1] and (run_dir / "checkpoints" / "latest").read_text() == "step_1"
 
 
+def test_every_bad_record_kind_is_skipped_with_one_warning_and_counted_and_a_huge_image_trains(tmp_path, tiny_fast):
+    from PIL import Image
+
+    from vigos_ray.easyvqa import write_easyvqa_jsonl
+
+    good = [json.loads(line) for line in write_easyvqa_jsonl(tmp_path / "easyvqa", "test").read_text().splitlines()]
+    Image.new("RGB", (4000, 3000), (200, 30, 30)).save(tmp_path / "huge.png")  # 12 MP: downscaled to max_pixels
+    rows = [
+        good[0],
+        '{"id": "broken", "problem": ',  # malformed JSON
+        {"id": "no-image", "problem": "What colour?", "answer": "red", "image": "no/such.png"},
+        {"id": "bad-b64", "problem": "What colour?", "answer": "red", "image_b64": "bm90IGFuIGltYWdl"},
+        {"id": "no-problem", "problem": " ", "answer": "red", "image": good[1]["image"]},
+        {"id": "no-answer", "problem": "What colour?", "image": good[1]["image"]},
+        {"id": "long", "problem": "Describe it. " * 400, "answer": "red", "image": good[1]["image"]},
+        good[1],
+        {"id": "huge", "problem": "What colour is the shape?", "answer": "red", "image": str(tmp_path / "huge.png")},
+        good[2],
+    ]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    cmd = command(tmp_path, tiny_fast, "data.source=files", f"data.train_files=[{data}]", "data.shuffle=false",
+                  "data.max_prompt_tokens=1024", "run.steps=2")  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kinds = ["malformed", "missing_image", "undecodable_image", "empty_problem", "missing_answer", "prompt_too_long"]
+    for kind, line in zip(kinds, range(2, 8), strict=True):  # one warning per kind, naming the record's line
+        assert proc.stderr.count(f"further '{kind}' records are counted") == 1, kind
+        assert f"skipping bad record at {data}:{line} " in proc.stderr, (kind, proc.stderr[-3000:])
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    # 4 good records for 2 steps x 2 prompts: all of them trained, the 12 MP image included, none skipped beyond
+    assert [r["rollouts"] for r in records] == [2, 2]
+    assert {k: v for k, v in records[-1].items() if k.startswith("data/skipped/")} == {
+        f"data/skipped/{kind}": 1 for kind in kinds
+    }
+
+
 def test_a_dead_learner_rank_fails_the_run_fast_and_leaves_the_last_checkpoint_usable(tmp_path, tiny_fast):
     from vigos_ray.checkpoint import latest, load_driver_state
 
