@@ -328,6 +328,51 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Decoding and sampling of launch/eval.py (SPEC §9: 5 samples, temperature 1.0, top-p 0.9, top-k 20, 4096 new
+    # tokens); `k` of Pass@k / Avg@k is at most `samples`.
+    samples: int = 5
+    k: int = 5
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 20
+    max_new_tokens: int = 4096
+    limit: int = 0  # evaluate at most this many items (0 = all)
+    image_probe: bool = True  # also sample with mismatched images (image sensitivity)
+    # During training: evaluate `every_steps` steps (0 = never) on `during_train_items` held-out items, with
+    # `during_train_samples` samples each, through the rollout workers; logged as eval/* metrics.
+    every_steps: int = 0
+    during_train_items: int = 16
+    during_train_samples: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.samples >= 1, "eval.samples", f"must be >= 1 (got {self.samples})")
+        _require(1 <= self.k <= self.samples, "eval.k", f"must be in [1, eval.samples={self.samples}] (got {self.k})")
+        _require(self.temperature >= 0, "eval.temperature", f"must be >= 0 (got {self.temperature})")
+        _require(0 < self.top_p <= 1, "eval.top_p", f"must be in (0, 1] (got {self.top_p})")
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1 (got {self.max_new_tokens})")
+        _require(self.limit >= 0, "eval.limit", f"must be >= 0 (got {self.limit})")
+        _require(self.every_steps >= 0, "eval.every_steps", f"must be >= 0 (got {self.every_steps})")
+
+
+@dataclass
+class MetricsConfig:
+    # Where per-step metrics go, besides metrics.jsonl (always written): any of console, tensorboard, wandb, mlflow.
+    sinks: list[str] = field(default_factory=lambda: ["console"])
+    console_every: int = 1  # a one-line step summary in the log every this many steps
+    wandb_project: str = "vigos-ray"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    mlflow_uri: str = ""  # empty: a local file store in runs/<run.name>/mlruns
+    mlflow_experiment: str = "vigos-ray"
+
+    def __post_init__(self) -> None:
+        known = {"console", "tensorboard", "wandb", "mlflow"}
+        for sink in self.sinks:
+            _require(sink in known, "metrics.sinks", f"unknown sink {sink!r}; choose from {sorted(known)}")
+        _require(self.console_every >= 1, "metrics.console_every", f"must be >= 1 (got {self.console_every})")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -339,6 +384,8 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         rollouts = self.learner.prompts_per_step * self.rollout.samples_per_prompt

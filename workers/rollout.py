@@ -102,6 +102,10 @@ class RolloutWorker:
 
     # ---- weights ---------------------------------------------------------------------------------------------
 
+    def use_folder_weights(self) -> None:
+        """Sample from the weights loaded from `model_path` (evaluation of a finished model: no learner pushes)."""
+        self.version = 0
+
     def open_sync_group(self, host: str, port: int, world_size: int) -> None:
         """Join the weight-push group as rank 1 + worker_index (learner rank 0 is rank 0)."""
         self._sync = SyncGroup(host, port, 1 + self.worker_index, world_size, self.cfg.weight_sync.timeout_s)

@@ -1,0 +1,83 @@
+"""Evaluate a model on a benchmark through the vLLM engine: `python launch/eval.py --model PATH [--data ...]`.
+
+PATH is a Hugging Face folder, a run directory (its `final/`), or a checkpoint `runs/<name>/checkpoints/step_N`
+(exported once, LoRA merged, to `step_N/hf`). `--data easyvqa` (default) is the embedded easy-VQA test split;
+otherwise JSONL/Parquet files in MathVista/MMMU style (see vigos_ray/evaluation.py). Decoding comes from `eval.*`
+(SPEC §9 defaults); `key=value` overrides as in launch/run.py. Writes a JSON report and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+from vigos_ray.config import ConfigError, load_config  # noqa: E402
+from vigos_ray.data import DataError  # noqa: E402
+from vigos_ray.evaluation import JudgeRequired, check_benchmark, evaluate, read_items, resolve_eval_model, table  # noqa: E402
+from vigos_ray.models import ModelFolderError  # noqa: E402
+
+
+def eval_config(cfg):
+    """The run config with rollout sampling replaced by the evaluation's decoding."""
+    e = cfg.eval
+    rollout = dataclasses.replace(cfg.rollout, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
+                                  max_new_tokens=e.max_new_tokens, samples_per_prompt=e.samples)  # fmt: skip
+    return dataclasses.replace(cfg, rollout=rollout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, help="model folder, run directory or checkpoint")
+    parser.add_argument("--data", nargs="+", default=["easyvqa"], help="'easyvqa' or record files")
+    parser.add_argument("--benchmark", default="", help="benchmark name (refused if it needs an LLM judge)")
+    parser.add_argument("--out", type=Path, help="JSON report (default: eval-<benchmark>.json beside the model)")
+    parser.add_argument("--config", help="YAML file overriding the defaults in vigos_ray/config.py")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.samples=8")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = eval_config(load_config(args.config, args.overrides))
+        name = args.benchmark or ("easyvqa" if args.data == ["easyvqa"] else Path(args.data[0]).stem)
+        check_benchmark(name)
+        folder, what = resolve_eval_model(args.model)
+        report = run_eval(cfg, folder, args.data, name)
+    except (ConfigError, DataError, ModelFolderError, JudgeRequired) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = {"model": str(args.model), "evaluated": str(folder), "model_kind": what, **report}
+    out = args.out or folder.parent / f"eval-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"\n{name}: {report['items']} items x {report['samples_per_item']} samples, model {args.model}")
+    print(table(report))
+    print(f"report: {out}")
+    return 0
+
+
+def run_eval(cfg, folder: Path, data: list[str], name: str) -> dict:
+    from tqdm import tqdm
+
+    from vigos_ray.easyvqa import write_easyvqa_jsonl
+    from workers.rollout import RolloutWorker
+
+    files = [write_easyvqa_jsonl(Path(cfg.run.cache_dir) / "data", "test")] if data == ["easyvqa"] else data
+    items = read_items(files, cfg, cfg.eval.limit)
+    worker = RolloutWorker(cfg, folder)
+    worker.use_folder_weights()
+    total = len(items) * (2 if cfg.eval.image_probe else 1)
+    with tqdm(total=total, desc=f"eval {name}", unit="item") as bar:
+        report = evaluate(items, worker.generate, worker.tokenizer, cfg, cfg.eval.samples, cfg.eval.k,
+                          seed=cfg.run.seed, image_probe=cfg.eval.image_probe, progress=bar.update)  # fmt: skip
+    e = cfg.eval
+    decoding = {"temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k, "max_new_tokens": e.max_new_tokens}
+    return {"benchmark": name, "data": [str(f) for f in files], "decoding": decoding, **report}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

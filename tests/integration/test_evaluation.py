@@ -1,0 +1,96 @@
+"""Evaluation: Pass@k / Avg@k on constructed sets with known values, the grounding probe and the prior split with a
+scripted model, checkpoint export, and `launch/eval.py` on the tiny model through vLLM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from math import comb
+
+import pytest
+from PIL import Image
+
+from vigos_ray.config import load_config
+from vigos_ray.data import Sample
+from vigos_ray.evaluation import EvalItem, JudgeRequired, check_benchmark, evaluate, pass_at_k
+from vigos_ray.models import load_processor
+from vigos_ray.sampling import make_rollout
+
+from ..conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 5, 5), (5, 2, 1), (5, 2, 2), (10, 3, 4), (4, 1, 4)])
+def test_pass_at_k_is_the_probability_that_some_drawn_sample_is_correct(n, c, k):
+    # direct count: subsets of size k with at least one correct, over all subsets
+    assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k))
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+
+
+def test_pass_at_k_refuses_fewer_samples_than_k():
+    with pytest.raises(ValueError, match="pass@3 needs at least 3 samples"):
+        pass_at_k(2, 1, 3)
+
+
+def test_a_judged_benchmark_is_refused_naming_the_judge():
+    with pytest.raises(JudgeRequired, match="MM-Vet grades free-form answers with a GPT-4 judge"):
+        check_benchmark("MMVet")
+
+
+def scripted(tokenizer, items, answers_by_image):
+    """A model that answers `answers_by_image[image colour][sample]`: in format, boxed; the image decides."""
+
+    def generate(samples: list[Sample], seed: int):
+        out = []
+        for s in samples:
+            for text in answers_by_image(s):
+                ids = tokenizer.encode(text) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+                out.append(make_rollout(s.id, [1], ids, [0.0] * len(ids), tokenizer, 0))
+        return out
+
+    return generate
+
+
+def test_scores_probe_and_prior_split_on_a_scripted_model(tiny_fast):
+    tok = load_processor(tiny_fast, 3136, 12544).tokenizer
+    colours = ["red", "green", "blue", "teal"]
+    items = [
+        EvalItem(Sample(f"q{i}", Image.new("RGB", (28, 28), c), "What colour?", c), None, i % 2 == 0)
+        for i, c in enumerate(colours)
+    ]
+    seen = {id(it.sample.image): c for it, c in zip(items, colours, strict=True)}
+
+    def answers(sample):  # sample i: the colour it sees in its 1st and 2nd sample, a box only in the 1st
+        colour = seen[id(sample.image)]
+        first = f"A {colour} patch.</description><think>It is {colour}.</think>\\boxed{{{colour}}}"
+        second = "It is hard to say." if sample.id in ("q0", "q1") else first
+        return [first, second]
+
+    cfg = load_config(overrides=[f"model.path={tiny_fast}"])
+    report = evaluate(items, scripted(tok, items, answers), tok, cfg, samples_per_item=2, k=2)
+    # true images: q0, q1 1 of 2 right; q2, q3 2 of 2 right
+    assert report["pass@2"] == 1.0 and report["avg@2"] == pytest.approx(0.75) and report["accuracy"] == 0.75
+    assert report["unparseable"] == pytest.approx(0.25) and report["valid_format"] == pytest.approx(0.75)
+    # mismatched images: every answer names the other item's colour, so none is right
+    assert report["image"] == {"true": 0.75, "mismatched": 0.0, "sensitivity": 0.75}
+    assert report["prior"] == {"conflict": pytest.approx(0.75), "consistent": pytest.approx(0.75)}
+    assert report["per_item"][0]["extracted"] == ["red", None]
+
+
+def test_eval_command_on_the_tiny_model_writes_every_field(tmp_path, tiny_fast):
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "launch/eval.py", "--model", str(tiny_fast), "--out", str(out),
+           f"run.cache_dir={tmp_path}", "eval.limit=4", "eval.samples=2", "eval.k=2", "eval.max_new_tokens=16",
+           "model.max_pixels=12544"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("model", "evaluated", "benchmark", "data", "decoding", "items", "samples_per_item", "k", "pass@2",
+                "avg@2", "accuracy", "unparseable", "valid_format", "image", "per_item"):  # fmt: skip
+        assert key in report, key
+    assert report["items"] == 4 and len(report["per_item"]) == 4
+    assert all(len(item["responses"]) == 2 for item in report["per_item"])
+    assert report["decoding"] == {"temperature": 1.0, "top_p": 0.9, "top_k": 20, "max_new_tokens": 16}
+    assert "Pass@2" in proc.stdout and "image sensitivity" in proc.stdout

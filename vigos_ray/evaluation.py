@@ -1,0 +1,246 @@
+"""Evaluation: benchmark records -> n sampled responses per item -> Pass@k, Avg@k, format and grounding numbers.
+
+Records come from two adapters: `easyvqa` (the embedded easy-VQA test split) and `jsonl`, MathVista/MMMU-style
+JSONL or Parquet (`question` or `problem`, `answer`, `image` or `image_b64`, optional `choices` list and
+`prior_conflict` flag). Multiple-choice options are appended to the question as "(A) ..." lines. Sampling goes
+through the same vLLM engine code as training rollouts (workers/rollout.py), with the evaluation's decoding.
+
+Numbers, per SPEC §9: Avg@k is the mean correctness of k samples per item; Pass@k the unbiased estimator
+1 - C(n-c, k) / C(n, k) over n >= k samples with c correct. A response with no answer to extract is unparseable:
+counted apart and graded wrong. The grounding probe samples every item again with the image of item (i+1) mod N:
+image sensitivity = accuracy with the true image - accuracy with the mismatched one. Where records carry
+`prior_conflict`, accuracy is also split into conflicting (ViLP's Score) and consistent items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import string
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vigos_ray.config import Config
+from vigos_ray.data import DataError, Sample, decode_record, read_files
+from vigos_ray.grading import extract_answer, grade
+from vigos_ray.spans import TokenTable, parse_completion
+from vigos_ray.types import Rollout
+
+log = logging.getLogger(__name__)
+
+# Benchmarks whose answers are graded by an LLM judge: we do not call a judge service, so we say so and stop.
+JUDGED = {
+    "mmvet": "MM-Vet grades free-form answers with a GPT-4 judge",
+    "llava-bench": "LLaVA-Bench grades answers with a GPT-4 judge",
+    "mathverse-judged": "MathVerse's judged setting asks a GPT-4 judge to extract and grade answers",
+}
+
+
+class JudgeRequired(ValueError):
+    """The benchmark needs an LLM judge that this evaluation does not call."""
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    sample: Sample
+    choices: tuple[str, ...] | None = None
+    prior_conflict: bool | None = None
+
+
+def check_benchmark(name: str) -> None:
+    if name.lower() in JUDGED:
+        raise JudgeRequired(
+            f"benchmark '{name}' needs an LLM judge ({JUDGED[name.lower()]}); this evaluation is rule-based only. "
+            "Grade its responses with the benchmark's own judge, or pick a rule-graded benchmark."
+        )
+
+
+def with_choices(question: str, choices: Sequence[str]) -> str:
+    lines = [f"({letter}) {c}" for letter, c in zip(string.ascii_uppercase, choices, strict=False)]
+    return question.rstrip() + "\nChoices:\n" + "\n".join(lines)
+
+
+def read_items(paths: Sequence[str | Path], cfg: Config, limit: int = 0) -> list[EvalItem]:
+    """Evaluation items from record files; bad records are skipped and counted (as in training)."""
+    records = read_files([str(p) for p in paths], limit)
+    extras = {}
+    for rec in records:
+        f = rec.fields
+        if "problem" not in f and "question" in f:
+            f["problem"] = f["question"]
+        choices = f.get("choices")
+        if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
+            f["__error__"] = "'choices' must be a list of strings"
+        elif choices and isinstance(f.get("problem"), str):
+            f["problem"] = with_choices(f["problem"], choices)
+        extras[str(f.get("id"))] = (tuple(choices) if choices else None, f.get("prior_conflict"))
+    items, bad = [], Counter()
+    for rec in records:
+        try:
+            sample = decode_record(rec, cfg.model.min_pixels, cfg.model.max_pixels)
+        except DataError as err:
+            bad[getattr(err, "kind", "malformed")] += 1
+            log.warning("skipping %s", err)
+            continue
+        choices, conflict = extras[sample.id]
+        items.append(EvalItem(sample, choices, None if conflict is None else bool(conflict)))
+    if not items:
+        raise DataError(f"no usable evaluation records in {[str(p) for p in paths]} ({dict(bad)})")
+    return items
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per item, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+@dataclass
+class ItemResult:
+    id: str
+    answer: str
+    responses: list[str]
+    extracted: list[str | None]
+    correct: list[bool]
+    valid_format: list[bool]
+
+
+def grade_item(item: EvalItem, rollouts: Sequence[Rollout], table: TokenTable, convention: str) -> ItemResult:
+    texts = [r.text for r in rollouts]
+    extracted = [extract_answer(t) for t in texts]
+    return ItemResult(
+        id=item.sample.id,
+        answer=item.sample.answer,
+        responses=texts,
+        extracted=extracted,
+        correct=[grade(x, item.sample.answer, item.choices) for x in extracted],
+        valid_format=[parse_completion(r.completion_ids, table, convention).valid for r in rollouts],
+    )
+
+
+def summarize(results: Sequence[ItemResult], k: int) -> dict[str, float]:
+    n = len(results[0].correct)
+    flat = [c for r in results for c in r.correct]
+    return {
+        f"pass@{k}": sum(pass_at_k(n, sum(r.correct), k) for r in results) / len(results),
+        f"avg@{k}": sum(sum(r.correct[:k]) / k for r in results) / len(results),
+        "accuracy": sum(flat) / len(flat),
+        "unparseable": sum(x is None for r in results for x in r.extracted) / len(flat),
+        "valid_format": sum(v for r in results for v in r.valid_format) / len(flat),
+    }
+
+
+def mismatched(items: Sequence[EvalItem]) -> list[EvalItem]:
+    """Each item with the image of item (i+1) mod N: the grounding probe's counterfactual."""
+    return [
+        dataclasses.replace(it, sample=dataclasses.replace(it.sample, image=items[(i + 1) % len(items)].sample.image))
+        for i, it in enumerate(items)
+    ]
+
+
+def evaluate(
+    items: Sequence[EvalItem],
+    generate: Callable[[list[Sample], int], list[Rollout]],
+    tokenizer,
+    cfg: Config,
+    samples_per_item: int,
+    k: int,
+    seed: int = 0,
+    image_probe: bool = True,
+    batch_items: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Sample `samples_per_item` responses per item with `generate(samples, seed)` (its config's decoding), grade
+    them, and return the summary, the grounding probe and every item's responses."""
+    table = TokenTable.for_tokenizer(tokenizer)
+
+    def run(batch_items_list: Sequence[EvalItem]) -> list[ItemResult]:
+        out = []
+        for lo in range(0, len(batch_items_list), batch_items):
+            chunk = list(batch_items_list[lo : lo + batch_items])
+            rollouts = generate([it.sample for it in chunk], seed + lo)
+            for j, it in enumerate(chunk):
+                mine = rollouts[j * samples_per_item : (j + 1) * samples_per_item]
+                out.append(grade_item(it, mine, table, cfg.loss.span_convention))
+            if progress is not None:
+                progress(len(chunk))
+        return out
+
+    results = run(items)
+    report = {"items": len(items), "samples_per_item": samples_per_item, "k": k, **summarize(results, k)}
+    if image_probe:
+        probe = summarize(run(mismatched(items)), k)
+        report["image"] = {"true": report["accuracy"], "mismatched": probe["accuracy"],
+                           "sensitivity": report["accuracy"] - probe["accuracy"]}  # fmt: skip
+    flags = [it.prior_conflict for it in items]
+    if any(f is not None for f in flags):
+        split = {}
+        for name, want in (("conflict", True), ("consistent", False)):
+            picked = [r for r, f in zip(results, flags, strict=True) if f is want]
+            split[name] = summarize(picked, k)["accuracy"] if picked else None
+        report["prior"] = split
+    report["per_item"] = [dataclasses.asdict(r) for r in results]
+    return report
+
+
+def table(report: dict) -> str:
+    """The printed summary: one row per number."""
+    k = report["k"]
+    rows = [(f"Pass@{k}", report[f"pass@{k}"]), (f"Avg@{k}", report[f"avg@{k}"]),
+            ("accuracy (all samples)", report["accuracy"]), ("unparseable", report["unparseable"]),
+            ("valid format", report["valid_format"])]  # fmt: skip
+    if "image" in report:
+        rows += [("accuracy, mismatched image", report["image"]["mismatched"]),
+                 ("image sensitivity", report["image"]["sensitivity"])]  # fmt: skip
+    for name, value in report.get("prior", {}).items():
+        rows.append((f"accuracy, prior-{name} items", value))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  ------"]
+    lines += [f"{name.ljust(width)}  {'n/a' if v is None else f'{100 * v:6.2f}%'}" for name, v in rows]
+    return "\n".join(lines)
+
+
+def export_checkpoint(checkpoint: Path, out: Path) -> Path:
+    """A Hugging Face folder of the student in a training checkpoint (`runs/<name>/checkpoints/step_N`): a
+    one-rank learner in this process loads the sharded state (any rank count) and exports it, LoRA merged."""
+    from vigos_ray.config import load_config
+    from vigos_ray.models import resolve_model_path
+    from vigos_ray.weight_sync import free_port
+    from workers.learner import LearnerWorker
+
+    run_config = checkpoint.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise DataError(f"{checkpoint} is not inside a run directory with config.yaml; pass an exported folder")
+    cfg = load_config(run_config, ["learner.workers=1", "learner.prompts_per_step=1", "rollout.samples_per_prompt=1"])
+    base = resolve_model_path(cfg.model, cfg.run.cache_dir, seed=cfg.run.seed)
+    learner = LearnerWorker(cfg, base)
+    learner.join("127.0.0.1", free_port("127.0.0.1"), 1)
+    try:
+        learner.load_state(str(checkpoint))
+        return Path(learner.export(str(out)))
+    finally:
+        learner.shutdown()
+
+
+def resolve_eval_model(path: Path) -> tuple[Path, str]:
+    """(Hugging Face folder, what it is): a model folder as is, a run directory's `final/`, or a checkpoint
+    exported next to itself (`step_N/hf`, reused when present)."""
+    from vigos_ray.models import check_model_folder
+
+    if (path / "config.json").is_file():
+        check_model_folder(path, key="--model")
+        return path, "model folder"
+    if (path / "final" / "config.json").is_file():
+        return path / "final", "run directory (final/)"
+    if (path / "learner").is_dir():
+        out = path / "hf"
+        if not (out / "config.json").is_file():
+            export_checkpoint(path, out)
+        return out, f"checkpoint {path.name} (exported to {out})"
+    raise DataError(f"--model {path}: not a model folder, a run directory with final/, or a checkpoint step_N/")
