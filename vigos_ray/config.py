@@ -488,6 +488,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
+def to_container(config: Config) -> dict[str, Any]:
+    """The config as nested plain dicts (for trackers that store a run's parameters)."""
+    return dataclasses.asdict(config)
+
+
 def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 

@@ -19,7 +19,7 @@ from vigos_ray.checkpoint import Checkpointer, DriverState, load_driver_state, r
 from vigos_ray.config import Config, save_config
 from vigos_ray.data import PromptStream, read_files
 from vigos_ray.easyvqa import write_easyvqa_jsonl
-from vigos_ray.metrics import MetricsFile, step_record
+from vigos_ray.metrics import Metrics, step_record
 from vigos_ray.models import check_teacher_checkpoints, load_processor, resolve_model_path
 from vigos_ray.objective import plan_batch
 from vigos_ray.pipeline import Pipeline
@@ -68,7 +68,7 @@ def run(cfg: Config) -> Path:
             log.info("resumed from %s at step %d (policy version %d)", resume, start.step, pipe.version)
             if start.step >= cfg.run.steps:
                 log.info("the run is already complete (run.steps=%d); writing final/ again", cfg.run.steps)
-        metrics = MetricsFile(run_dir / "metrics.jsonl", from_step=start.step if start else 0)
+        metrics = Metrics(cfg, run_dir, from_step=start.step if start else 0)
         with metrics, Preemption(cfg.checkpoint.grace_s, DrainWatch(pipe.critical_nodes())) as preemption:
             train(cfg, pipe, processor, prompts, metrics.write, start, checkpoints, preemption)
         final = pipe.export(run_dir / "final")

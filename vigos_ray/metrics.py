@@ -1,16 +1,25 @@
-"""Per-step metrics: one flat JSON record per step, appended to `metrics.jsonl` in the run directory.
+"""Per-step metrics: one flat record per step, always appended to `metrics.jsonl` in the run directory, and fanned
+out to the sinks named in `metrics.sinks`: a one-line console summary, TensorBoard, W&B (offline by default) and
+MLflow (a local file store by default).
 
 Names follow the pipeline's stages and segments: `loss/<segment>`, `kl/<segment>`, `clipped/<segment>`,
 `tokens/<segment>`, `time/<stage>` (seconds), `tok_per_s/<stage>`, `push/*`, `lag/<k>` (rollouts sampled k
-versions before the weights they trained).
+versions before the weights they trained), `pool/<role>/*`, `data/skipped/<kind>`, `eval/*`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
 from collections import Counter
 from pathlib import Path
 from statistics import fmean
+
+from vigos_ray.config import Config, MetricsConfig, to_container
+
+log = logging.getLogger(__name__)
 
 
 class MetricsFile:
@@ -31,6 +40,140 @@ class MetricsFile:
         self._f.close()
 
     def __enter__(self) -> MetricsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def scalars(record: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def console_line(record: dict, steps: int) -> str:
+    """One short line a person can read: loss and KL per segment, rollout quality, where the time went."""
+    segs = sorted(k.split("/", 1)[1] for k in record if k.startswith("kl/"))
+    kl = " ".join(f"{name[:4]} {record[f'kl/{name}']:.3g}" for name in segs)
+    stages = " ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in record.items()
+                      if k.startswith("time/") and k.count("/") == 1 and k != "time/step")  # fmt: skip
+    line = (f"step {record['step'] + 1}/{steps} loss {record['loss']:.4g} | kl {kl} | valid {record['valid_rate']:.2f} "
+            f"acc {record['accuracy']:.2f} | {record['time/step']:.2f} s ({stages})")  # fmt: skip
+    if "eval/accuracy" in record:
+        line += f" | eval acc {record['eval/accuracy']:.3f}"
+    return line
+
+
+class ConsoleSink:
+    def __init__(self, cfg: MetricsConfig, steps: int):
+        self.every, self.steps = cfg.console_every, steps
+
+    def write(self, record: dict) -> None:
+        if (record["step"] + 1) % self.every == 0 or record["step"] + 1 == self.steps:
+            log.info(console_line(record, self.steps))
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardSink:
+    """Scalars under runs/<name>/tensorboard, one event file per process run (`tensorboard --logdir runs`)."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, global_step=record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A W&B run whose id is the run's name, so a resumed run continues it; offline unless metrics.wandb_mode."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        import wandb
+
+        m = cfg.metrics
+        self.run = wandb.init(project=m.wandb_project, name=cfg.run.name, id=cfg.run.name, resume="allow",
+                              dir=str(run_dir), mode=m.wandb_mode, config=to_container(cfg))  # fmt: skip
+
+    def write(self, record: dict) -> None:
+        self.run.log(scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowSink:
+    """An MLflow run (a file store in runs/<name>/mlruns unless metrics.mlflow_uri names a server or database); its
+    id is kept in the run directory so that a resumed run logs into the same MLflow run."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        import mlflow
+
+        m = cfg.metrics
+        if not m.mlflow_uri:  # MLflow 3 keeps its file store for local use only behind this switch
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = mlflow.MlflowClient(tracking_uri=m.mlflow_uri or (run_dir / "mlruns").resolve().as_uri())
+        id_file = run_dir / "mlflow_run_id"
+        if id_file.is_file():
+            self.run_id = id_file.read_text().strip()
+        else:
+            exp = self.client.get_experiment_by_name(m.mlflow_experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(m.mlflow_experiment)
+            self.run_id = self.client.create_run(exp_id, run_name=cfg.run.name).info.run_id
+            id_file.write_text(self.run_id)
+            flat = flatten(to_container(cfg))
+            for key, value in flat.items():
+                self.client.log_param(self.run_id, key, str(value)[:500])
+
+    def write(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        t = int(1000 * time.time())
+        metrics = [Metric(k, v, t, record["step"]) for k, v in scalars(record).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+class Metrics:
+    """Every step's record to metrics.jsonl and to each configured sink."""
+
+    def __init__(self, cfg: Config, run_dir: Path, from_step: int = 0):
+        self.sinks: list = [MetricsFile(run_dir / "metrics.jsonl", from_step)]
+        self.path = self.sinks[0].path
+        makers = {
+            "console": lambda: ConsoleSink(cfg.metrics, cfg.run.steps),
+            "tensorboard": lambda: TensorBoardSink(run_dir),
+            "wandb": lambda: WandbSink(cfg, run_dir),
+            "mlflow": lambda: MlflowSink(cfg, run_dir),
+        }
+        self.sinks += [makers[name]() for name in cfg.metrics.sinks]
+
+    def write(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> Metrics:
         return self
 
     def __exit__(self, *exc) -> None:
