@@ -11,15 +11,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from vigos_ray.config import ConfigError, load_config  # noqa: E402
+from vigos_ray.console import report_repeats, setup_console  # noqa: E402
 from vigos_ray.data import DataError  # noqa: E402
-from vigos_ray.evaluation import JudgeRequired, check_benchmark, evaluate, read_items, resolve_eval_model, table  # noqa: E402
+from vigos_ray.evaluation import (  # noqa: E402
+    JudgeRequired,
+    check_benchmark,
+    eval_files,
+    evaluate,
+    read_items,
+    resolve_eval_model,
+    table,
+)
 from vigos_ray.models import ModelFolderError  # noqa: E402
 
 
@@ -40,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file overriding the defaults in vigos_ray/config.py")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.samples=8")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    repeats = setup_console()
     try:
         cfg = eval_config(load_config(args.config, args.overrides))
         name = args.benchmark or ("easyvqa" if args.data == ["easyvqa"] else Path(args.data[0]).stem)
@@ -57,16 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{name}: {report['items']} items x {report['samples_per_item']} samples, model {args.model}")
     print(table(report))
     print(f"report: {out}")
+    report_repeats(repeats)
     return 0
 
 
 def run_eval(cfg, folder: Path, data: list[str], name: str) -> dict:
     from tqdm import tqdm
 
-    from vigos_ray.easyvqa import write_easyvqa_jsonl
     from workers.rollout import RolloutWorker
 
-    files = [write_easyvqa_jsonl(Path(cfg.run.cache_dir) / "data", "test")] if data == ["easyvqa"] else data
+    files = eval_files(cfg, data)
     items = read_items(files, cfg, cfg.eval.limit)
     worker = RolloutWorker(cfg, folder)
     worker.use_folder_weights()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from vigos_ray.cluster import ResourceError, check_ray_resources, init_ray  # noqa: E402
 from vigos_ray.config import ConfigError, load_config  # noqa: E402
+from vigos_ray.console import report_repeats, setup_console  # noqa: E402
 from vigos_ray.data import DataError  # noqa: E402
 from vigos_ray.models import ModelFolderError  # noqa: E402
 from vigos_ray.preemption import EXIT_PREEMPTED, Preempted  # noqa: E402
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file overriding the defaults in vigos_ray/config.py")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.temperature=1.1")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    repeats = setup_console()
     try:
         cfg = load_config(args.config, args.overrides)
         init_ray(cfg)
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if ray.is_initialized():
             ray.shutdown()
+        report_repeats(repeats)
     print(f"run directory: {run_dir}")
     return 0
 

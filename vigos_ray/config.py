@@ -394,6 +394,8 @@ class Config:
             "learner.prompts_per_step",
             f"gives {rollouts} rollouts per step, fewer than learner.workers={self.learner.workers} ranks to feed",
         )
+        if self.eval.every_steps and self.data.source == "files":
+            _require(bool(self.data.eval_files), "data.eval_files", "must list held-out files if eval.every_steps > 0")
         if self.loss.objective == "distill":
             _require(
                 bool(self.teachers.reference.checkpoint),

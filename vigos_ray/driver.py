@@ -13,12 +13,14 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from vigos_ray.checkpoint import Checkpointer, DriverState, load_driver_state, resume_path
 from vigos_ray.config import Config, save_config
 from vigos_ray.data import PromptStream, read_files
 from vigos_ray.easyvqa import write_easyvqa_jsonl
+from vigos_ray.evaluation import during_training, eval_files, read_items
 from vigos_ray.metrics import Metrics, step_record
 from vigos_ray.models import check_teacher_checkpoints, load_processor, resolve_model_path
 from vigos_ray.objective import plan_batch
@@ -45,6 +47,10 @@ def prompt_stream(cfg: Config, processor, split: str = "train") -> PromptStream:
     )  # fmt: skip
 
 
+def held_out_data(cfg: Config) -> list[str]:
+    return ["easyvqa"] if cfg.data.source == "easyvqa" else cfg.data.eval_files
+
+
 def run(cfg: Config) -> Path:
     """Train to `run.steps`, resuming from this run's latest checkpoint unless `checkpoint.resume=never`; returns
     the run directory (config.yaml, metrics.jsonl, checkpoints/, final/). Raises Preempted after a SIGTERM."""
@@ -69,8 +75,11 @@ def run(cfg: Config) -> Path:
             if start.step >= cfg.run.steps:
                 log.info("the run is already complete (run.steps=%d); writing final/ again", cfg.run.steps)
         metrics = Metrics(cfg, run_dir, from_step=start.step if start else 0)
+        held_out = None
+        if cfg.eval.every_steps:
+            held_out = read_items(eval_files(cfg, held_out_data(cfg)), cfg, cfg.eval.during_train_items)
         with metrics, Preemption(cfg.checkpoint.grace_s, DrainWatch(pipe.critical_nodes())) as preemption:
-            train(cfg, pipe, processor, prompts, metrics.write, start, checkpoints, preemption)
+            train(cfg, pipe, processor, prompts, metrics.write, start, checkpoints, preemption, held_out)
         final = pipe.export(run_dir / "final")
         log.info("trained %d steps; model written to %s, metrics to %s", cfg.run.steps, final, metrics.path)
     finally:
@@ -87,9 +96,11 @@ def train(
     start: DriverState | None = None,
     checkpoints: Checkpointer | None = None,
     preemption: Preemption | None = None,
+    held_out: list | None = None,
 ) -> None:
-    """Steps `start.step`..`run.steps`-1 through `pipe`; `on_step` gets each step's metrics after its weight push.
-    A step ends with a checkpoint when one is due, at the last step, and after a preemption notice (then raises)."""
+    """Steps `start.step`..`run.steps`-1 through `pipe`; `on_step` gets each step's metrics after its weight push
+    (with `eval/*` numbers on `held_out` items every `eval.every_steps` steps). A step ends with a checkpoint when
+    one is due, at the last step, and after a preemption notice (then raises)."""
     table = TokenTable.for_tokenizer(processor.tokenizer)
     ahead = cfg.run.max_staleness if cfg.run.mode == "async" else 0
     first = start.step if start else 0
@@ -118,6 +129,13 @@ def train(
         record = step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teacher_s, seconds)
         record.update(pipe.pool_metrics())
         record.update({f"data/skipped/{kind}": n for kind, n in sorted(prompts.bad_counts.items())})
+        if held_out and ((step + 1) % cfg.eval.every_steps == 0 or step + 1 == cfg.run.steps):
+            eval_seed = cfg.run.seed * 1_000_003 + 500_000_000 + step  # apart from every training seed
+            try:
+                record.update(during_training(held_out, pipe.generate_with, processor.tokenizer, cfg, eval_seed))
+            except RayActorError as err:  # a rollout worker died: restore it for training, skip this evaluation
+                log.warning("held-out evaluation at step %d skipped: %s", step, type(err).__name__)
+                pipe.recover_rollout_workers()
         on_step(record)
         bar.set_postfix(loss=f"{record['loss']:.4g}", valid=f"{record['valid_rate']:.2f}", v=record["version"])
         stop = preemption is not None and preemption.requested

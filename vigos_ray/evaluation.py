@@ -63,6 +63,15 @@ def with_choices(question: str, choices: Sequence[str]) -> str:
     return question.rstrip() + "\nChoices:\n" + "\n".join(lines)
 
 
+def eval_files(cfg: Config, data: Sequence[str]) -> list[Path]:
+    """`["easyvqa"]`: the embedded easy-VQA test split (written once into the cache); else the given files."""
+    from vigos_ray.easyvqa import write_easyvqa_jsonl
+
+    if list(data) == ["easyvqa"]:
+        return [write_easyvqa_jsonl(Path(cfg.run.cache_dir) / "data", "test")]
+    return [Path(f) for f in data]
+
+
 def read_items(paths: Sequence[str | Path], cfg: Config, limit: int = 0) -> list[EvalItem]:
     """Evaluation items from record files; bad records are skipped and counted (as in training)."""
     records = read_files([str(p) for p in paths], limit)
@@ -244,3 +253,21 @@ def resolve_eval_model(path: Path) -> tuple[Path, str]:
             export_checkpoint(path, out)
         return out, f"checkpoint {path.name} (exported to {out})"
     raise DataError(f"--model {path}: not a model folder, a run directory with final/, or a checkpoint step_N/")
+
+
+def during_training(items: Sequence[EvalItem], generate_async, tokenizer, cfg: Config, seed: int) -> dict[str, float]:
+    """Held-out numbers at this step, sampled by the rollout workers' current weights with `eval.*` decoding:
+    `generate_async(samples, seed, decoding)` returns a Pending. Keys are `eval/*` metric names."""
+    import time
+
+    e = cfg.eval
+    decoding = {"temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k,
+                "max_new_tokens": e.max_new_tokens, "samples_per_prompt": e.during_train_samples}  # fmt: skip
+    t0 = time.perf_counter()
+    report = evaluate(items, lambda samples, s: generate_async(samples, s, decoding).result(), tokenizer, cfg,
+                      e.during_train_samples, e.during_train_samples, seed, image_probe=False,
+                      batch_items=len(items))  # fmt: skip
+    n = e.during_train_samples
+    return {"eval/accuracy": report["accuracy"], f"eval/pass@{n}": report[f"pass@{n}"],
+            "eval/valid_format": report["valid_format"], "eval/unparseable": report["unparseable"],
+            "eval/seconds": time.perf_counter() - t0}  # fmt: skip

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,18 +39,40 @@ class PalrResult:
     tokens: dict[str, int]
 
 
-def wrong_answers(sample: Sample, pool: Sequence[str], k: int) -> list[str]:
-    """k answers from `pool` other than the sample's, the same for a sample every time."""
-    others = sorted({a for a in pool if a.strip().lower() != sample.answer.strip().lower()})
-    if len(others) < k:
-        raise ValueError(f"PALR needs {k} wrong answers for {sample.id}; the answer pool offers {len(others)}")
-    return random.Random(zlib.crc32(sample.id.encode())).sample(others, k)
+def wrong_answers(sample: Sample, pool: Sequence[str] | Mapping[str, Sequence[str]], k: int) -> list[str]:
+    """Up to k answers other than the sample's, from `pool` (one list for every sample, or one per sample id),
+    the same for a sample every time. Fewer than k only where the pool has fewer (a yes/no question has one)."""
+    candidates = pool[sample.id] if isinstance(pool, Mapping) else pool
+    others = sorted({a for a in candidates if a.strip().lower() != sample.answer.strip().lower()})
+    if not others:
+        raise ValueError(f"PALR needs a wrong answer for {sample.id}; its answer pool offers none")
+    return random.Random(zlib.crc32(sample.id.encode())).sample(others, min(k, len(others)))
+
+
+def answer_pools(items: Sequence[tuple[Sample, Sequence[str] | None]]) -> dict[str, list[str]]:
+    """Wrong-answer candidates of the same kind as each sample's answer: the other options of a multiple-choice
+    question (letters if the reference is a letter), else the answers of the dataset's questions that open with
+    the same two words ("what colour", "is there", ...), else every other answer in the dataset."""
+    by_stem: dict[str, set[str]] = {}
+    stem = lambda s: " ".join(s.problem.lower().split()[:2])  # noqa: E731
+    for sample, _ in items:
+        by_stem.setdefault(stem(sample), set()).add(sample.answer)
+    everything = sorted({sample.answer for sample, _ in items})
+    pools = {}
+    for sample, choices in items:
+        if choices:
+            letters = [chr(ord("A") + i) for i in range(len(choices))]
+            pools[sample.id] = letters if sample.answer.strip().upper() in letters else list(choices)
+        else:
+            same_kind = sorted(by_stem[stem(sample)] - {sample.answer})
+            pools[sample.id] = same_kind or everything
+    return pools
 
 
 class _Scorer:
     """log q(y_t) of the rollout tokens under the teacher contexts of one sample and its counterfactuals."""
 
-    def __init__(self, model, processor, cfg: Config, answer_pool: Sequence[str], k_wrong: int):
+    def __init__(self, model, processor, cfg: Config, answer_pool, k_wrong: int):
         self.model, self.cfg, self.pool, self.k_wrong = model, cfg, answer_pool, k_wrong
         self.contexts = ContextCache(processor, cfg)
         self.vocab, self.pad_id = len(processor.tokenizer), processor.tokenizer.pad_token_id or 0
@@ -85,7 +107,7 @@ def palr(
     rollouts: Sequence[Rollout],
     cfg: Config,
     method: Literal["vigos", "opsd"],
-    answer_pool: Sequence[str],
+    answer_pool: Sequence[str] | Mapping[str, Sequence[str]],
     k_wrong: int = 3,
     eps: float = 1e-8,
 ) -> PalrResult:

@@ -22,7 +22,7 @@ from vigos_ray.config import Config
 from vigos_ray.data import Sample
 from vigos_ray.objective import BatchPlan, segments
 from vigos_ray.weight_sync import PushGroupError, PushReport, WeightSyncError
-from workers.group import WorkerGroup, wait_all
+from workers.group import Pending, WorkerGroup, wait_all
 from workers.learner import LearnerWorker
 from workers.pool import TeacherPool
 from workers.rollout import RolloutWorker, StaleWeightsError
@@ -88,6 +88,10 @@ class Pipeline:
         """Rollouts for `samples`, sampled by whatever weights the workers hold when they get to it."""
         samples = list(samples)
         return RolloutRequest(self, samples, seed, self.rollout.scatter_async("generate", samples, seed=seed))
+
+    def generate_with(self, samples: Sequence[Sample], seed: int, decoding: dict) -> Pending:
+        """Samples with other decoding (`rollout.*` fields replaced), e.g. held-out evaluation during training."""
+        return self.rollout.scatter_async("generate", list(samples), seed=seed, decoding=decoding)
 
     def recover_rollout_workers(self) -> None:
         """After a rollout worker died: wait for Ray's restart, re-form the weight-push group (its old member is

@@ -7,6 +7,7 @@ learner has pushed it weights, so it never samples from weights nobody asked for
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,11 @@ from vigos_ray.prompts import encode, student_text
 from vigos_ray.sampling import banned_rows, hf_rollouts, make_rollout, sample_seed
 from vigos_ray.types import Rollout
 from vigos_ray.weight_sync import SyncGroup, TensorSpec, receive
+
+
+def max_new_tokens(cfg: Config) -> int:
+    """The longest completion the engine must hold: training rollouts, or evaluation during training."""
+    return max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens if cfg.eval.every_steps else 0)
 
 
 class StaleWeightsError(RuntimeError):
@@ -48,7 +54,7 @@ class RolloutWorker:
             model=self.model_path,
             dtype=self.cfg.model.dtype,
             seed=self.cfg.run.seed + self.worker_index,
-            max_model_len=self.cfg.data.max_prompt_tokens + r.max_new_tokens,
+            max_model_len=self.cfg.data.max_prompt_tokens + max_new_tokens(self.cfg),
             tensor_parallel_size=r.tensor_parallel_size,
             enforce_eager=r.enforce_eager,
             limit_mm_per_prompt={"image": 1, "video": 0},
@@ -60,24 +66,26 @@ class RolloutWorker:
             kwargs["kv_cache_memory_bytes"] = r.kv_cache_memory_bytes  # else vLLM reserves most of the RAM
         return LLM(**kwargs)
 
-    def generate(self, samples: list[Sample], seed: int) -> list[Rollout]:
-        """`rollout.samples_per_prompt` completions per sample, in sample order; `seed` makes them reproducible."""
+    def generate(self, samples: list[Sample], seed: int, decoding: dict | None = None) -> list[Rollout]:
+        """`rollout.samples_per_prompt` completions per sample, in sample order; `seed` makes them reproducible.
+        `decoding` replaces `rollout.*` fields for this call (evaluation during training)."""
         if self.version is None:
             raise StaleWeightsError(
                 f"rollout worker {self.worker_index} has not received the learner's weights yet; push weights first"
             )
+        cfg = self.cfg
+        if decoding:
+            cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, **decoding))
         if self._engine is None:
-            return hf_rollouts(self._hf_model, self.processor, samples, self.cfg, seed, self._hf_banned, self.version)
-        n = self.cfg.rollout.samples_per_prompt
-        contexts = [
-            encode(self.processor, student_text(self.processor, s.problem, self.cfg.prompts), s.image) for s in samples
-        ]
-        return self._generate_vllm(samples, contexts, n, seed)
+            return hf_rollouts(self._hf_model, self.processor, samples, cfg, seed, self._hf_banned, self.version)
+        text = lambda s: student_text(self.processor, s.problem, cfg.prompts)  # noqa: E731
+        contexts = [encode(self.processor, text(s), s.image) for s in samples]
+        return self._generate_vllm(samples, contexts, cfg.rollout, seed)
 
-    def _generate_vllm(self, samples, contexts, n: int, seed: int) -> list[Rollout]:
+    def _generate_vllm(self, samples, contexts, r, seed: int) -> list[Rollout]:
         from vllm import SamplingParams
 
-        r = self.cfg.rollout
+        n = r.samples_per_prompt
         prompts, params = [], []
         for s, ctx in zip(samples, contexts, strict=True):
             for j in range(n):

@@ -94,3 +94,46 @@ def test_eval_command_on_the_tiny_model_writes_every_field(tmp_path, tiny_fast):
     assert all(len(item["responses"]) == 2 for item in report["per_item"])
     assert report["decoding"] == {"temperature": 1.0, "top_p": 0.9, "top_k": 20, "max_new_tokens": 16}
     assert "Pass@2" in proc.stdout and "image sensitivity" in proc.stdout
+
+
+def test_answer_pools_offer_wrong_answers_of_the_same_kind():
+    from vigos_ray.palr import answer_pools, wrong_answers
+
+    img = Image.new("RGB", (8, 8))
+    s = lambda i, q, a: Sample(f"s{i}", img, q, a)  # noqa: E731
+    items = [(s(0, "What color is the shape?", "red"), None), (s(1, "What color is it?", "blue"), None),
+             (s(2, "What shape is this?", "circle"), None), (s(3, "Is there a circle?", "yes"), None),
+             (s(4, "Is there a square?", "no"), None), (s(5, "Which animal?", "B"), ("cat", "dog", "cow")),
+             (s(6, "Which animal?", "dog"), ("cat", "dog", "cow"))]  # fmt: skip
+    pools = answer_pools(items)
+    assert pools["s0"] == ["blue"] and pools["s3"] == ["no"]  # colours for colours, yes/no for yes/no
+    assert pools["s2"] == sorted({"red", "blue", "circle", "yes", "no", "B", "dog"})  # alone in its kind: any answer
+    assert pools["s5"] == ["A", "B", "C"] and pools["s6"] == ["cat", "dog", "cow"]  # letters for a letter
+    assert set(wrong_answers(items[5][0], pools, 3)) == {"A", "C"}  # fewer than 3 where the options run out
+    assert wrong_answers(items[2][0], pools, 3) == wrong_answers(items[2][0], pools, 3)  # the same every time
+    assert "circle" not in wrong_answers(items[2][0], pools, 3)
+    assert set(wrong_answers(items[6][0], pools, 3)) == {"cat", "cow"}
+
+
+def test_palr_command_measures_given_rollouts_for_both_methods(tmp_path, tiny_fast):
+    from vigos_ray.easyvqa import write_easyvqa_jsonl
+
+    records = [json.loads(line) for line in write_easyvqa_jsonl(tmp_path, "test").read_text().splitlines()[:4]]
+    rollouts = tmp_path / "rollouts.jsonl"
+    rollouts.write_text("".join(json.dumps({"id": r["id"], "completion": f"A shape.</description><think>It must be "
+                                            f"{r['answer']}.</think>\\boxed{{{r['answer']}}}"}) + "\n"
+                                for r in records))  # fmt: skip
+    out = tmp_path / "palr.json"
+    cmd = [sys.executable, "launch/palr.py", "--model", str(tiny_fast), "--rollouts", str(rollouts), "--out",
+           str(out), f"run.cache_dir={tmp_path}", "eval.limit=4", "model.max_pixels=12544"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["valid_rollouts"] == report["rollouts"] == 4
+    for method in ("vigos", "opsd"):
+        assert set(report[method]["pooled"]) == {"description", "reasoning", "response"}
+        assert all(0.0 <= v <= 1.0 for v in report[method]["pooled"].values())
+        assert report[method]["tokens"]["description"] > 0
+    assert report["vigos"]["pooled"]["description"] == 0.0  # the perception teacher never sees the answer
+    assert report["opsd"]["pooled"]["reasoning"] > 0.0
+    assert "T_d" in proc.stdout and "vigos" in proc.stdout and "opsd" in proc.stdout

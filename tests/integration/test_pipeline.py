@@ -10,6 +10,7 @@ import torch
 
 from vigos_ray.config import load_config
 from vigos_ray.driver import prompt_stream, train
+from vigos_ray.evaluation import eval_files, read_items
 from vigos_ray.metrics import merge_segments
 from vigos_ray.models import load_model, load_processor
 from vigos_ray.objective import student_loss
@@ -108,9 +109,14 @@ def test_sync_then_async_steps_keep_rollout_weights_equal_and_versions_in_bound(
         gaps.append(probe_gap(pipe))
 
     start = pipe.version
+    # held-out evaluation through the rollout workers every 2 steps (and at the last), with eval decoding
+    evaluation = dataclasses.replace(pipe.cfg.eval, every_steps=2, max_new_tokens=16, during_train_samples=2)
+    held_out = read_items(eval_files(pipe.cfg, ["easyvqa"]), pipe.cfg, limit=3)
     for mode in ("sync", "async"):
-        cfg = dataclasses.replace(pipe.cfg, run=dataclasses.replace(pipe.cfg.run, mode=mode, steps=3, max_staleness=1))
-        train(cfg, pipe, processor, prompt_stream(cfg, processor), on_step)
+        run = dataclasses.replace(pipe.cfg.run, mode=mode, steps=3, max_staleness=1)
+        cfg = dataclasses.replace(pipe.cfg, run=run, eval=evaluation)
+        evaluated = held_out if mode == "sync" else None
+        train(cfg, pipe, processor, prompt_stream(cfg, processor), on_step, held_out=evaluated)
 
     assert [r["version"] for r in records] == list(range(start + 1, start + 7))
     lags = [{k: v for k, v in r.items() if k.startswith("lag/")} for r in records]
@@ -118,6 +124,8 @@ def test_sync_then_async_steps_keep_rollout_weights_equal_and_versions_in_bound(
     assert lags[3] == {"lag/0": 4} and lags[4:] == [{"lag/1": 4}] * 2  # async: one batch sampled ahead
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["push/bytes"] > 0 for r in records)
     assert all(r["pool/perception/workers"] == 1 and r["pool/reference/starting"] == 0 for r in records)
+    assert [("eval/accuracy" in r) for r in records] == [False, True, True, False, False, False]
+    assert all(r["eval/pass@2"] >= r["eval/accuracy"] and 0 <= r["eval/unparseable"] <= 1 for r in records[1:3])
     assert max(gaps) < PROBE_TOL, gaps  # after every push the engine computes what the learner computes
     after = torch.tensor(pipe.rollout.call_all("token_logprobs", PROBE)[0])
     assert float((after - before).abs().max()) > 100 * PROBE_TOL  # and the weights did move

@@ -1,0 +1,124 @@
+"""PALR diagnostic (SPEC §8): `python launch/palr.py --model PATH [--data ...] [--rollouts FILE]`.
+
+How much of each method's teacher pull on the student's own tokens comes from the privileged answer rather than
+the image, for `vigos` and `opsd`, over the description (T_d), the reasoning and answer (T_ra) and the whole
+response. Rollouts are sampled from the model (one per item, `rollout.*` decoding) or read from `--rollouts`,
+JSONL lines {"id": item id, "completion": the text the student wrote after its `<description>` prefill}; only
+rollouts in the expected format are measured. Wrong answers come from the dataset itself: the other options of a
+multiple-choice item, else answers to questions that open with the same two words (vigos_ray.palr.answer_pools).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+from vigos_ray.config import ConfigError, load_config  # noqa: E402
+from vigos_ray.console import report_repeats, setup_console  # noqa: E402
+from vigos_ray.data import DataError  # noqa: E402
+from vigos_ray.models import ModelFolderError  # noqa: E402
+
+
+def read_rollouts(path: Path, items, processor, cfg) -> list:
+    """Rollouts from a JSONL file of {"id", "completion"}; each completion is tokenized and ends the turn."""
+    from vigos_ray.prompts import encode, student_text
+    from vigos_ray.sampling import make_rollout
+
+    by_id = {it.sample.id: it.sample for it in items}
+    tok = processor.tokenizer
+    rollouts = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        sample = by_id.get(str(row.get("id")))
+        if sample is None or not isinstance(row.get("completion"), str):
+            raise DataError(f"{path}:{n}: needs an 'id' of an evaluated item and a 'completion' string")
+        prompt = encode(processor, student_text(processor, sample.problem, cfg.prompts), sample.image).input_ids
+        ids = tok.encode(row["completion"], add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+        rollouts.append(make_rollout(sample.id, prompt, ids, [0.0] * len(ids), tok, 0))
+    return rollouts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, help="model folder, run directory or checkpoint")
+    parser.add_argument("--data", nargs="+", default=["easyvqa"], help="'easyvqa' or record files")
+    parser.add_argument("--rollouts", type=Path, help="JSONL of {id, completion} to measure instead of sampling")
+    parser.add_argument("--k-wrong", type=int, default=3, help="wrong answers per item (SPEC §8 default: 3)")
+    parser.add_argument("--out", type=Path, help="JSON report (default: palr.json beside the model)")
+    parser.add_argument("--config", help="YAML file overriding the defaults in vigos_ray/config.py")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.limit=64")
+    args = parser.parse_args(argv)
+    repeats = setup_console()
+    try:
+        from vigos_ray.evaluation import eval_files, read_items, resolve_eval_model
+
+        cfg = load_config(args.config, args.overrides)
+        folder, _ = resolve_eval_model(args.model)
+        items = read_items(eval_files(cfg, args.data), cfg, cfg.eval.limit)
+        report = measure(cfg, folder, items, args.rollouts, args.k_wrong)
+    except (ConfigError, DataError, ModelFolderError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or folder.parent / "palr.json"
+    out.write_text(json.dumps({"model": str(args.model), **report}, indent=1))
+    print(table(report))
+    print(f"report: {out}")
+    report_repeats(repeats)
+    return 0
+
+
+def measure(cfg, folder: Path, items, rollouts_file: Path | None, k_wrong: int) -> dict:
+    from vigos_ray.models import load_model, load_processor
+    from vigos_ray.palr import answer_pools, palr
+    from vigos_ray.spans import TokenTable, parse_completion
+
+    processor = load_processor(folder, cfg.model.min_pixels, cfg.model.max_pixels)
+    if rollouts_file is not None:
+        rollouts = read_rollouts(rollouts_file, items, processor, cfg)
+    else:
+        from workers.rollout import RolloutWorker
+
+        one = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, samples_per_prompt=1))
+        worker = RolloutWorker(one, folder)
+        worker.use_folder_weights()
+        rollouts = worker.generate([it.sample for it in items], seed=cfg.run.seed)
+    table_ = TokenTable.for_tokenizer(processor.tokenizer)
+    valid = sum(parse_completion(r.completion_ids, table_, cfg.loss.span_convention).valid for r in rollouts)
+    report = {"items": len(items), "rollouts": len(rollouts), "valid_rollouts": valid, "k_wrong": k_wrong}
+    if valid == 0:
+        raise DataError(
+            f"none of the {len(rollouts)} rollouts is in the expected format, so PALR has nothing to measure; "
+            "use a model that answers in format (e.g. after the SFT warm start) or pass --rollouts"
+        )
+    model = load_model(folder, "float32").eval()
+    samples = [it.sample for it in items]
+    pools = answer_pools([(it.sample, it.choices) for it in items])
+    for method in ("vigos", "opsd"):
+        result = palr(model, processor, samples, rollouts, cfg, method, pools, k_wrong)
+        report[method] = {"pooled": result.pooled, "per_rollout": result.per_rollout, "tokens": result.tokens}
+    return report
+
+
+def table(report: dict) -> str:
+    lines = [
+        f"PALR over {report['valid_rollouts']} valid rollouts of {report['rollouts']} ({report['items']} items)",
+        f"{'method':8} {'T_d':>8} {'T_ra':>8} {'response':>9}   (pooled over tokens; per-rollout mean below)",
+    ]
+    for method in ("vigos", "opsd"):
+        for kind in ("pooled", "per_rollout"):
+            v = report[method][kind]
+            label = method if kind == "pooled" else ""
+            lines.append(f"{label:8} {100 * v['description']:7.2f}% {100 * v['reasoning']:7.2f}% "
+                         f"{100 * v['response']:8.2f}%")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

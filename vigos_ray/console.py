@@ -1,0 +1,49 @@
+"""What a person sees: INFO lines with time and source, and warnings counted rather than repeated.
+
+A warning (or a Python `warnings` message, routed into logging) prints the first time its text template occurs;
+later occurrences are counted, and `summary()` lists the counts at the end of a command. Ray de-duplicates the
+actors' own log lines across processes itself ("[repeated Nx across cluster]").
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class RepeatCounter(logging.Filter):
+    """Passes each warning template once (errors always); counts the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or record.levelno >= logging.ERROR:
+            return True
+        key = (record.name, str(record.msg))
+        self.counts[key] += 1
+        return self.counts[key] == 1
+
+    def summary(self) -> list[str]:
+        repeated = [(name, msg, n) for (name, msg), n in self.counts.items() if n > 1]
+        return [f"{n - 1} more x ({name}) {msg.splitlines()[0][:100]}" for name, msg, n in repeated]
+
+
+def setup_console(level: int = logging.INFO) -> RepeatCounter:
+    logging.basicConfig(level=level, format=FORMAT)
+    counter = RepeatCounter()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(counter)
+    logging.captureWarnings(True)  # `warnings.warn` (deprecations from libraries) goes through the same counter
+    warnings.simplefilter("default")
+    return counter
+
+
+def report_repeats(counter: RepeatCounter) -> None:
+    lines = counter.summary()
+    if lines:
+        logging.getLogger("vigos_ray").info("repeated warnings, shown once above:\n  %s", "\n  ".join(lines))
