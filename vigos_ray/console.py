@@ -1,7 +1,8 @@
 """What a person sees: INFO lines with time and source, and warnings counted rather than repeated.
 
-A warning (or a Python `warnings` message, routed into logging) prints the first time its text template occurs;
-later occurrences are counted, and `summary()` lists the counts at the end of a command. Ray de-duplicates the
+A warning (or a Python `warnings` message, routed into logging) prints the first time its text occurs; later
+occurrences of the same text are counted, and `summary()` lists the counts at the end of a command. (Code that
+meets many variants of one problem logs the first of each kind itself: see vigos_ray/data.py.) Ray de-duplicates the
 actors' own log lines across processes itself ("[repeated Nx across cluster]").
 """
 
@@ -15,7 +16,7 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class RepeatCounter(logging.Filter):
-    """Passes each warning template once (errors always); counts the rest."""
+    """Passes each warning text once (errors always); counts the repeats."""
 
     def __init__(self):
         super().__init__()
@@ -24,7 +25,7 @@ class RepeatCounter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or record.levelno >= logging.ERROR:
             return True
-        key = (record.name, str(record.msg))
+        key = (record.name, record.getMessage())
         self.counts[key] += 1
         return self.counts[key] == 1
 

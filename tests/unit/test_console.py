@@ -1,4 +1,4 @@
-"""Warnings are counted, not repeated: the first of each template prints, the rest are summed at the end."""
+"""Warnings are counted, not repeated: the first of each text prints, its repeats are summed at the end."""
 
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ def test_a_repeated_warning_prints_once_and_is_counted():
     log.propagate = False
     log.setLevel(logging.INFO)
     try:
-        for i in range(5):
-            log.warning("skipping record %d", i)  # one template, five records
-        log.warning("another problem")
+        for _ in range(5):
+            log.warning("slow call to %s", "teacher-0")  # the same text five times
+        log.warning("slow call to %s", "teacher-1")  # another text
         log.error("errors are never held back")
         log.error("errors are never held back")
         log.info("info %d", 1)
     finally:
         log.removeHandler(handler)
-    assert seen == ["skipping record 0", "another problem", "errors are never held back",
+    assert seen == ["slow call to teacher-0", "slow call to teacher-1", "errors are never held back",
                     "errors are never held back", "info 1"]  # fmt: skip
-    assert counter.summary() == ["4 more x (test.console) skipping record %d"]
+    assert counter.summary() == ["4 more x (test.console) slow call to teacher-0"]
 
 
 def test_python_warnings_go_through_the_counter():
