@@ -24,9 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     repeats = setup_console()
     try:
         cfg = load_config(args.config, args.overrides)
+        from vigos_ray.driver import preflight, run
+
+        preflight(cfg)  # a bad model or teacher folder is named before a cluster is started
         init_ray(cfg)
         check_ray_resources(cfg)
-        from vigos_ray.driver import run
 
         run_dir = run(cfg)
     except (ConfigError, ResourceError, ModelFolderError, DataError) as err:

@@ -51,15 +51,22 @@ def held_out_data(cfg: Config) -> list[str]:
     return ["easyvqa"] if cfg.data.source == "easyvqa" else cfg.data.eval_files
 
 
+def preflight(cfg: Config):
+    """The checks that need no cluster: the student folder (built, for the tiny default) and every teacher
+    checkpoint against its tokenizer. Returns (model folder, processor); raises naming the key to change."""
+    model_path = resolve_model_path(cfg.model, cfg.run.cache_dir, seed=cfg.run.seed).resolve()
+    processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
+    check_teacher_checkpoints(cfg, processor.tokenizer)
+    return model_path, processor
+
+
 def run(cfg: Config) -> Path:
     """Train to `run.steps`, resuming from this run's latest checkpoint unless `checkpoint.resume=never`; returns
     the run directory (config.yaml, metrics.jsonl, checkpoints/, final/). Raises Preempted after a SIGTERM."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    model_path = resolve_model_path(cfg.model, cfg.run.cache_dir, seed=cfg.run.seed).resolve()
-    processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
-    check_teacher_checkpoints(cfg, processor.tokenizer)
+    model_path, processor = preflight(cfg)
     prompts = prompt_stream(cfg, processor)
     checkpoints = Checkpointer(cfg.checkpoint, run_dir / "checkpoints")
     resume = resume_path(cfg.checkpoint, checkpoints.root)

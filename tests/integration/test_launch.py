@@ -95,4 +95,4 @@ def test_run_py_names_a_bad_model_or_teacher_folder_before_any_actor_starts(tmp_
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert message in proc.stderr.splitlines()[-1], proc.stderr[-3000:]
-    assert "actors up" not in proc.stderr  # refused before any actor was started
+    assert "Started a local Ray instance" not in proc.stderr  # refused before a cluster (or an actor) started
