@@ -17,7 +17,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-SEGMENT_COLOURS = {"description": "tab:green", "reasoning": "tab:blue", "reference": "tab:red"}
+SEGMENT_COLOURS = {
+    "perception": "tab:green",
+    "description": "tab:green",
+    "reasoning": "tab:blue",
+    "reference": "tab:red",
+}
 
 
 def read_run(run_dir: Path) -> list[dict]:

@@ -9,6 +9,7 @@ actors' own log lines across processes itself ("[repeated Nx across cluster]").
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections import Counter
 
@@ -34,11 +35,26 @@ class RepeatCounter(logging.Filter):
         return [f"{n - 1} more x ({name}) {msg.splitlines()[0][:100]}" for name, msg, n in repeated]
 
 
+class TqdmHandler(logging.StreamHandler):
+    """Writes log lines above a running progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_console(level: int = logging.INFO) -> RepeatCounter:
-    logging.basicConfig(level=level, format=FORMAT)
     counter = RepeatCounter()
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(counter)
+    handler = TqdmHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(counter)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
     logging.captureWarnings(True)  # `warnings.warn` (deprecations from libraries) goes through the same counter
     warnings.simplefilter("default")
     return counter
