@@ -3,7 +3,7 @@
 Each case runs forward + backward in a fresh process and reports its peak resident memory above the inputs
 (ru_maxrss), so allocator caching in one case cannot hide another's peak. Values of the two paths are compared.
 
-    python bench/loss_memory.py --tokens 1024 2048 4096 --vocab 151665 --head-rows 151936 --hidden 2048
+    python bench/loss_memory.py --tokens 1024 4096 16384 --vocab 151665 --head-rows 151936 --hidden 2048
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def total_memory_gb() -> float:
+    with open("/proc/meminfo") as f:
+        return int(f.readline().split()[1]) / 1e6
 
 
 def run_case(path: str, tokens: int, vocab: int, head_rows: int, hidden: int, chunk: int, out: str) -> None:
@@ -62,7 +67,7 @@ def run_case(path: str, tokens: int, vocab: int, head_rows: int, hidden: int, ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--vocab", type=int, default=151_665)
     ap.add_argument("--head-rows", type=int, default=151_936)
     ap.add_argument("--hidden", type=int, default=2048)
@@ -83,6 +88,10 @@ def main() -> None:
         for tokens in args.tokens:
             results = {}
             for path in ("full", "chunked"):
+                need_gb = 4 * tokens * args.head_rows * 4 / 1e9  # student + teacher logits and their gradients
+                if path == "full" and need_gb > 0.6 * total_memory_gb():
+                    print(f"{tokens:>7} {path:>8} skipped: needs about {need_gb:.0f} GB, more than this machine has")
+                    continue
                 out = f"{tmp}/{path}-{tokens}.json"
                 cmd = [sys.executable, __file__, "--child", path, str(tokens), str(args.vocab), str(args.head_rows),
                        str(args.hidden), str(args.chunk), out]  # fmt: skip
