@@ -16,6 +16,7 @@ import gc
 import hashlib
 import socket
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -122,7 +123,8 @@ class Checksum:
         self._h = hashlib.blake2b(digest_size=16)
 
     def update(self, buffer: torch.Tensor) -> None:
-        self._h.update(buffer.numpy().tobytes() if buffer.numel() else b"")
+        if buffer.numel():  # hashed in place (no copy); hashlib releases the GIL on large buffers
+            self._h.update(memoryview(buffer.numpy()))
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -156,14 +158,29 @@ class SyncGroup:
 
     def broadcast(self, buffer: torch.Tensor) -> None:
         """Rank 0's `buffer` into every member's `buffer`."""
+        self.broadcast_async(buffer)()
+
+    def broadcast_async(self, buffer: torch.Tensor):
+        """Start the broadcast of `buffer` and return a function that waits for it. Broadcasts complete in the
+        order they were started; the caller must not touch `buffer` before waiting."""
         if self._pg is None:
             raise PushGroupError("this weight-push group was closed after a failure; form a new one")
         try:
-            self._pg.broadcast(buffer, 0).wait()
+            work = self._pg.broadcast(buffer, 0)
         except RuntimeError as err:
-            message = f"the weight-push group broke: {str(err).splitlines()[0]}"
-        else:
-            return
+            self._fail(err)
+
+        def wait() -> None:
+            try:
+                work.wait()
+            except RuntimeError as err:
+                self._fail(err)
+
+        return wait
+
+    def _fail(self, err: RuntimeError):
+        message = f"the weight-push group broke: {str(err).splitlines()[0]}"
+        del err
         self.close()
         raise PushGroupError(message)
 
@@ -179,50 +196,83 @@ def send(
     transport: str,
     group=None,
 ) -> tuple[str, int, list]:
-    """Send `weights` (in `specs` order) bucket by bucket; returns (checksum, bytes, object refs or [])."""
-    checksum, total, refs = Checksum(), 0, []
-    for bucket in plan_buckets(specs, bucket_bytes):
-        tensors = []
-        for i in bucket:
-            name, t = next(weights)
-            spec = specs[i]
-            if name != spec.name or tuple(t.shape) != spec.shape:
-                raise RuntimeError(f"weight {name} {tuple(t.shape)} does not match the announced {spec}")
-            tensors.append(t.to(DTYPES[spec.dtype]))
-        buffer = pack(tensors)
-        checksum.update(buffer)
-        total += buffer.numel()
-        if transport == "collective":
-            group.broadcast(buffer)
-        else:
-            import ray
+    """Send `weights` (in `specs` order) bucket by bucket; returns (checksum, bytes, object refs or []).
 
-            refs.append(ray.put(buffer))
+    Pipelined: bucket k+1 is cast and packed while bucket k is on the wire, and a helper thread hashes each bucket
+    once it is packed, so the wire, the packing and the hashing overlap."""
+    checksum, total, refs = Checksum(), 0, []
+    with ThreadPoolExecutor(1) as hasher:  # one thread: buckets are hashed in order
+        hashed, wait = [], None
+        for bucket in plan_buckets(specs, bucket_bytes):
+            pairs = []
+            for i in bucket:
+                name, t = next(weights)
+                spec = specs[i]
+                if name != spec.name or tuple(t.shape) != spec.shape:
+                    raise RuntimeError(f"weight {name} {tuple(t.shape)} does not match the announced {spec}")
+                pairs.append((t, spec))
+            buffer = pack_cast(pairs)
+            hashed.append(hasher.submit(checksum.update, buffer))
+            total += buffer.numel()
+            if transport == "collective":
+                if wait is not None:
+                    wait()
+                wait = group.broadcast_async(buffer)
+            else:
+                import ray
+
+                refs.append(ray.put(buffer))
+        if wait is not None:
+            wait()
+        for h in hashed:
+            h.result()
     digest = checksum.hexdigest()
     if transport == "collective":  # receivers verify before they apply anything
         group.broadcast(torch.frombuffer(bytearray.fromhex(digest), dtype=torch.uint8))
     return digest, total, refs
 
 
+def pack_cast(pairs: Sequence[tuple[torch.Tensor, TensorSpec]]) -> torch.Tensor:
+    """One bucket: each tensor cast to its spec's dtype while it is copied into the buffer (a single pass)."""
+    buffer = torch.empty(sum(spec.nbytes for _, spec in pairs), dtype=torch.uint8)
+    offset = 0
+    for t, spec in pairs:
+        dtype = DTYPES[spec.dtype]
+        if offset % dtype.itemsize == 0:
+            buffer[offset : offset + spec.nbytes].view(dtype).view(spec.shape).copy_(t.detach())
+        else:  # an odd offset after a smaller dtype: cast first, then copy the bytes
+            buffer[offset : offset + spec.nbytes] = pack([t.detach().to(dtype)])
+        offset += spec.nbytes
+    return buffer
+
+
 def receive(specs: Sequence[TensorSpec], bucket_bytes: int, transport: str, group=None, refs=(), expected: str = ""):
     """Every bucket of a push, verified against the sender's checksum (broadcast last in `collective`, passed as
     `expected` with `object_store`); returns ([(name, tensor)], checksum, bytes) or raises WeightSyncError."""
     checksum, total, named = Checksum(), 0, []
-    for k, bucket in enumerate(plan_buckets(specs, bucket_bytes)):
-        bucket_specs = [specs[i] for i in bucket]
-        if transport == "collective":
-            buffer = torch.empty(sum(s.nbytes for s in bucket_specs), dtype=torch.uint8)
-            group.broadcast(buffer)
-        else:
-            import ray
-
-            buffer = ray.get(refs[k])
-        checksum.update(buffer)
-        total += buffer.numel()
-        named += [(s.name, t) for s, t in zip(bucket_specs, unpack(buffer, bucket_specs), strict=True)]
-    if transport == "collective":
+    buckets = [[specs[i] for i in bucket] for bucket in plan_buckets(specs, bucket_bytes)]
+    if transport == "collective":  # every receive is posted at once (the whole push is held until verified anyway)
+        buffers = [torch.empty(sum(s.nbytes for s in b), dtype=torch.uint8) for b in buckets]
+        waits = [group.broadcast_async(buffer) for buffer in buffers]
         digest = torch.empty(16, dtype=torch.uint8)
-        group.broadcast(digest)
+        waits.append(group.broadcast_async(digest))
+    with ThreadPoolExecutor(1) as hasher:  # bucket k is hashed while bucket k+1 arrives
+        hashed = []
+        for k, bucket_specs in enumerate(buckets):
+            if transport == "collective":
+                waits[k]()
+                buffer = buffers[k]
+            else:
+                import ray
+
+                buffer = ray.get(refs[k])
+            hashed.append(hasher.submit(checksum.update, buffer))
+            total += buffer.numel()
+            named += [(s.name, t) for s, t in zip(bucket_specs, unpack(buffer, bucket_specs), strict=True)]
+        for h in hashed:
+            h.result()
+    if transport == "collective":
+        waits[-1]()
         expected = bytes(digest.tolist()).hex()
     arrived = checksum.hexdigest()
     if arrived != expected:
