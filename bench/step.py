@@ -21,7 +21,7 @@ from statistics import fmean
 
 from common import REPO, table
 
-STAGES = ["rollout_wait", "plan", "teachers", "learner", "push"]
+STAGES = ["rollout_wait", "plan", "teachers", "learner", "push"]  # seconds per step (the push: on the critical path)
 
 
 class Echo:
@@ -88,13 +88,17 @@ def run_modes(cache: Path, workers: int, steps: int, prompts: int, max_new_token
     pipe = Pipeline(cfg, path)
     seen = capture(pipe)
     results = {}
+    modes = [("sync", "collective"), ("async", "collective"), ("async", "object_store")]
     try:
-        for mode in ("sync", "async", "sync", "async"):  # each twice, interleaved; the first pair warms up
-            run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, mode=mode, max_staleness=1))
+        for mode, transport in modes + modes:  # each twice, interleaved; the first round warms up
+            sync = dataclasses.replace(cfg.weight_sync, transport=transport)
+            run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, mode=mode, max_staleness=1),
+                                          weight_sync=sync)  # fmt: skip
+            pipe.cfg = run_cfg  # the push reads its transport from the pipeline's config
             records: list[dict] = []
             t0 = time.perf_counter()
             train(run_cfg, pipe, processor, prompt_stream(run_cfg, processor), records.append)
-            results[mode] = (steps / (time.perf_counter() - t0), records)
+            results[(mode, transport)] = (steps / (time.perf_counter() - t0), records)
         samples = prompt_stream(cfg, processor).next_batch(prompts)
         rollouts = pipe.generate_async(samples, seed=0).result()
         # calls per step: a generate per rollout worker, a score per teacher worker, a train_step per rank, a push
@@ -104,12 +108,12 @@ def run_modes(cache: Path, workers: int, steps: int, prompts: int, max_new_token
     finally:
         pipe.shutdown()
     rows = []
-    for mode, (rate, records) in results.items():
+    for (mode, transport), (rate, records) in results.items():
         mean = {s: fmean(r[f"time/{s}"] for r in records) for s in STAGES}
         step = fmean(r["time/step"] for r in records)
         share = (mean["plan"] + overhead) / step
-        rows.append([workers, mode, *(f"{mean[s]:.3f}" for s in STAGES), f"{step:.3f}", f"{rate:.2f}",
-                     f"{rate / results['sync'][0]:.2f}x", f"{100 * share:.1f}%"])  # fmt: skip
+        rows.append([workers, mode, transport, *(f"{mean[s]:.3f}" for s in STAGES), f"{step:.3f}", f"{rate:.2f}",
+                     f"{rate / results[modes[0]][0]:.2f}x", f"{100 * share:.1f}%"])  # fmt: skip
     return rows
 
 
@@ -135,7 +139,7 @@ def main() -> None:
     table(f"pipeline step, tiny model ({args.prompts} prompts, <= {args.max_new_tokens} new tokens, 3 teacher "
           f"pools, 2 FSDP learner ranks, {os.cpu_count()} cores): seconds per stage, mean of {args.steps} steps; "
           "'vs sync' at the same rollout workers; overhead = driver work + Ray data movement and calls / step",
-          ["rollout workers", "mode", *STAGES, "step", "steps/s", "vs sync", "overhead"], rows)  # fmt: skip
+          ["rollout workers", "mode", "push", *STAGES, "step", "steps/s", "vs sync", "overhead"], rows)  # fmt: skip
 
 
 if __name__ == "__main__":

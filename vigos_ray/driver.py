@@ -129,7 +129,8 @@ def train(
         t_score = time.perf_counter()
         ranks = pipe.train(plan, targets)
         t_train = time.perf_counter()
-        push, _ = pipe.push_weights()
+        # async + object store: the learner does not wait for the rollout workers to finish sampling and load
+        push, _ = pipe.push_weights(wait=not (ahead and cfg.weight_sync.transport == "object_store"))
         stages = {"rollout_wait": t_rollout - t0, "plan": t_plan - t_rollout, "teachers": t_score - t_plan,
                   "learner": t_train - t_score, "push": time.perf_counter() - t_train}  # fmt: skip
         seconds = time.perf_counter() - t0
@@ -152,6 +153,7 @@ def train(
             checkpoints.save(state, pipe.save_learner)
         if stop:
             raise Preempted(f"stopped after step {step} on a preemption notice; the checkpoint is saved")
+    pipe.settle()  # the last push is confirmed by every rollout worker
 
 
 def check_staleness(rollouts, learner_version: int, bound: int) -> None:

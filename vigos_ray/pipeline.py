@@ -35,6 +35,7 @@ RESTARTS = 3  # a dead rollout or teacher actor is restarted this many times bef
 class Pipeline:
     def __init__(self, cfg: Config, model_path: Path):
         self.cfg, self.version = cfg, 0
+        self._unconfirmed = None  # (receipts in flight, report) of a push made with wait=False
         t0 = time.perf_counter()
         r, lc, timeout = cfg.rollout, cfg.learner, cfg.weight_sync.timeout_s
         args = (cfg, str(model_path))
@@ -96,6 +97,7 @@ class Pipeline:
     def recover_rollout_workers(self) -> None:
         """After a rollout worker died: wait for Ray's restart, re-form the weight-push group (its old member is
         gone), and push the current weights to every worker, so the restarted one is no longer stale."""
+        self._unconfirmed = None  # superseded: the push below reaches every worker and is checked
         self.rollout.wait_restarted()
         self._open_sync_group()
         self.push_weights()
@@ -123,13 +125,19 @@ class Pipeline:
         self.version = results[0]["version"]
         return results
 
-    def push_weights(self) -> tuple[PushReport, list[dict]]:
+    def push_weights(self, wait: bool = True) -> tuple[PushReport, list[dict]]:
         """Learner weights -> every rollout worker, verified; returns the report (seconds: from the call to the last
         worker's weights loaded) and each worker's receipt. A rollout worker that dies before or during the push
-        breaks it for every member: wait for Ray's restart, re-form the push group and push again."""
+        breaks it for every member: wait for Ray's restart, re-form the push group and push again.
+
+        `wait=False` (async mode, `object_store` transport): return once the learner has put the weights in the
+        object store; each rollout worker loads them when its sampling call in flight ends (a worker runs its
+        calls in the order they were made, so its next batch uses the new weights). The receipts are checked by
+        `settle()`, at the latest before the next push; the report's seconds are then the learner's part."""
+        self.settle()
         for attempt in range(RESTARTS + 1):
             try:
-                return self._push_once()
+                return self._push_once(wait)
             except (RayActorError, PushGroupError) as err:
                 if attempt == RESTARTS:
                     raise
@@ -139,7 +147,21 @@ class Pipeline:
                 self._open_sync_group()
         raise AssertionError("unreachable")
 
-    def _push_once(self) -> tuple[PushReport, list[dict]]:
+    def settle(self) -> list[dict]:
+        """Wait for the rollout workers' receipts of a push made with `wait=False`, and check them."""
+        if self._unconfirmed is None:
+            return []
+        (pending, report), self._unconfirmed = self._unconfirmed, None
+        receipts = pending.result()
+        self._check_receipts(report, receipts)
+        return receipts
+
+    def _check_receipts(self, report: PushReport, receipts: list[dict]) -> None:
+        for receipt in receipts:
+            if receipt["checksum"] != report.checksum or receipt["version"] != report.version:
+                raise WeightSyncError(f"rollout worker {receipt['worker']} holds {receipt}, learner sent {report}")
+
+    def _push_once(self, wait: bool = True) -> tuple[PushReport, list[dict]]:
         ws = self.cfg.weight_sync
         bucket = ws.bucket_mb * 2**20
         t0 = time.perf_counter()
@@ -150,11 +172,14 @@ class Pipeline:
             receipts = got.result()
         else:
             report, refs = sent.result()[0]
-            receipts = self.rollout.call_all("receive_weights", self.version, self.specs, ws.transport, bucket,
-                                             refs=refs, expected=report.checksum)  # fmt: skip
-        for receipt in receipts:
-            if receipt["checksum"] != report.checksum or receipt["version"] != self.version:
-                raise WeightSyncError(f"rollout worker {receipt['worker']} holds {receipt}, learner sent {report}")
+            got = self.rollout.call_all_async("receive_weights", self.version, self.specs, ws.transport, bucket,
+                                              refs=refs, expected=report.checksum)  # fmt: skip
+            if not wait:
+                self._unconfirmed = (got, report)
+                seconds = time.perf_counter() - t0
+                return PushReport(report.version, report.bytes, seconds, report.checksum, report.transport), []
+            receipts = got.result()
+        self._check_receipts(report, receipts)
         seconds = time.perf_counter() - t0
         report = PushReport(report.version, report.bytes, seconds, report.checksum, report.transport)
         return report, receipts
@@ -166,6 +191,7 @@ class Pipeline:
 
     def save_learner(self, path: Path) -> None:
         self.learner.call_all("save_state", str(path))
+        self.settle()  # a checkpoint is written only once every worker has confirmed the weights it names
 
     def restore_learner(self, path: Path) -> None:
         """Load the learner's state from a checkpoint and push those weights to every rollout worker."""

@@ -199,19 +199,21 @@ def send(
     """Send `weights` (in `specs` order) bucket by bucket; returns (checksum, bytes, object refs or []).
 
     Pipelined: bucket k+1 is cast and packed while bucket k is on the wire, and a helper thread hashes each bucket
-    once it is packed, so the wire, the packing and the hashing overlap."""
+    once it is packed, so the wire, the packing and the hashing overlap. Each tensor is copied into its bucket as
+    soon as it is yielded, so `weights` may hand out memory it reuses right after (an FSDP unit's gathered view)."""
     checksum, total, refs = Checksum(), 0, []
     with ThreadPoolExecutor(1) as hasher:  # one thread: buckets are hashed in order
         hashed, wait = [], None
         for bucket in plan_buckets(specs, bucket_bytes):
-            pairs = []
-            for i in bucket:
+            buffer = torch.empty(sum(specs[i].nbytes for i in bucket), dtype=torch.uint8)
+            offset = 0
+            for i in bucket:  # each tensor is copied in as it arrives: the sender may reuse its memory after
                 name, t = next(weights)
                 spec = specs[i]
                 if name != spec.name or tuple(t.shape) != spec.shape:
                     raise RuntimeError(f"weight {name} {tuple(t.shape)} does not match the announced {spec}")
-                pairs.append((t, spec))
-            buffer = pack_cast(pairs)
+                copy_cast(buffer, offset, t, spec)
+                offset += spec.nbytes
             hashed.append(hasher.submit(checksum.update, buffer))
             total += buffer.numel()
             if transport == "collective":
@@ -232,18 +234,13 @@ def send(
     return digest, total, refs
 
 
-def pack_cast(pairs: Sequence[tuple[torch.Tensor, TensorSpec]]) -> torch.Tensor:
-    """One bucket: each tensor cast to its spec's dtype while it is copied into the buffer (a single pass)."""
-    buffer = torch.empty(sum(spec.nbytes for _, spec in pairs), dtype=torch.uint8)
-    offset = 0
-    for t, spec in pairs:
-        dtype = DTYPES[spec.dtype]
-        if offset % dtype.itemsize == 0:
-            buffer[offset : offset + spec.nbytes].view(dtype).view(spec.shape).copy_(t.detach())
-        else:  # an odd offset after a smaller dtype: cast first, then copy the bytes
-            buffer[offset : offset + spec.nbytes] = pack([t.detach().to(dtype)])
-        offset += spec.nbytes
-    return buffer
+def copy_cast(buffer: torch.Tensor, offset: int, t: torch.Tensor, spec: TensorSpec) -> None:
+    """`t` cast to its spec's dtype while it is copied into `buffer` at `offset` (a single pass)."""
+    dtype = DTYPES[spec.dtype]
+    if offset % dtype.itemsize == 0:
+        buffer[offset : offset + spec.nbytes].view(dtype).view(spec.shape).copy_(t.detach())
+    else:  # an odd offset after a smaller dtype: cast first, then copy the bytes
+        buffer[offset : offset + spec.nbytes] = pack([t.detach().to(dtype)])
 
 
 def receive(specs: Sequence[TensorSpec], bucket_bytes: int, transport: str, group=None, refs=(), expected: str = ""):

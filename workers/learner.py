@@ -13,6 +13,7 @@ import os
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -202,19 +203,39 @@ class LearnerWorker:
 
     # ---- weights ---------------------------------------------------------------------------------------------
 
-    def _full_weights(self):
-        """(name, full tensor) in Hugging Face names, LoRA merged; a collective: every rank must iterate it."""
+    def _push_groups(self) -> list[tuple[Any, list[str]]]:
+        """The student's parameter names grouped by the FSDP unit that shards them, each unit once, in order of its
+        first parameter: the order of every push and of its announced specs."""
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = self.student.named_modules()
+        units = [(f"{prefix}.", m) for prefix, m in modules if prefix and isinstance(m, FSDPModule)]
+        groups: dict[int, tuple[Any, list[str]]] = {}
+        for name, _ in self.student.named_parameters():
+            unit = next((m for prefix, m in units if name.startswith(prefix)), self.module)  # else the root's
+            groups.setdefault(id(unit), (unit, []))[1].append(name)
+        return list(groups.values())
+
+    def _full_weights(self, copy: bool):
+        """(name, full tensor) in Hugging Face names, LoRA merged, in push order; a collective: every rank must
+        iterate it. One all-gather per FSDP unit (its `unshard`), not one per parameter. With `copy=False` a
+        tensor is valid only until the next one is asked for (the unit's gathered memory is freed after it)."""
 
         def gathered():
-            for name, p in self.student.named_parameters():
-                t = p.detach()
-                yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t)
+            for unit, names in self._push_groups():
+                unit.unshard()
+                try:
+                    for name in names:
+                        t = self.student.get_parameter(name).detach()
+                        yield name, (t.clone() if copy else t)
+                finally:
+                    unit.reshard()
 
         return weight_sync.merged_weights(gathered(), self.lora_scaling)
 
-    def _weights_on_rank0(self):
+    def _weights_on_rank0(self, copy: bool = False):
         """`_full_weights()` on rank 0; other ranks take part in every all-gather, keep nothing, and get None."""
-        weights = self._full_weights()
+        weights = self._full_weights(copy)
         if self.rank == 0:
             return weights
         for _ in weights:
@@ -223,7 +244,7 @@ class LearnerWorker:
 
     def weight_specs(self) -> list[weight_sync.TensorSpec]:
         """Names, shapes and dtype of a push, in push order (no communication)."""
-        shapes = ((n, tuple(p.shape)) for n, p in self.student.named_parameters())
+        shapes = ((n, tuple(self.student.get_parameter(n).shape)) for _, names in self._push_groups() for n in names)
         meta = weight_sync.merged_weights(((n, torch.empty(s, device="meta")) for n, s in shapes), 1.0)
         return [weight_sync.TensorSpec(n, tuple(t.shape), self.cfg.model.dtype) for n, t in meta]
 
@@ -260,7 +281,7 @@ class LearnerWorker:
     def export(self, path: str) -> str | None:
         """Write a Hugging Face folder (config, tokenizer, safetensors; LoRA merged) that transformers and vLLM
         load. A collective; rank 0 writes, into a temporary folder renamed into place when complete."""
-        weights = self._weights_on_rank0()
+        weights = self._weights_on_rank0(copy=True)
         if weights is None:
             return None
         return str(write_model_folder(self.model_path, dict(weights), Path(path)))

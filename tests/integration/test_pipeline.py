@@ -131,6 +131,29 @@ def test_sync_then_async_steps_keep_rollout_weights_equal_and_versions_in_bound(
     assert float((after - before).abs().max()) > 100 * PROBE_TOL  # and the weights did move
 
 
+def test_async_object_store_pushes_do_not_wait_for_sampling_and_every_batch_uses_its_version(
+    pipe, samples_and_processor
+):
+    _, processor = samples_and_processor
+    records, gaps = [], []
+
+    def on_step(record):  # the probe queues behind the worker's pending load, so it sees the pushed weights
+        records.append(record)
+        gaps.append(probe_gap(pipe))
+
+    start, saved = pipe.version, pipe.cfg
+    pipe.cfg = dataclasses.replace(saved, weight_sync=dataclasses.replace(saved.weight_sync, transport="object_store"))
+    try:
+        cfg = dataclasses.replace(pipe.cfg, run=dataclasses.replace(pipe.cfg.run, mode="async", steps=3))
+        train(cfg, pipe, processor, prompt_stream(cfg, processor), on_step)
+    finally:
+        pipe.cfg = saved
+    assert [r["version"] for r in records] == [start + 1, start + 2, start + 3]
+    lags = [{k: v for k, v in r.items() if k.startswith("lag/")} for r in records]
+    assert lags == [{"lag/0": 4}, {"lag/1": 4}, {"lag/1": 4}]
+    assert max(gaps) < PROBE_TOL and pipe._unconfirmed is None  # every push loaded and confirmed by the end
+
+
 def test_killed_rollout_and_teacher_workers_are_restarted_and_their_work_is_redone(pipe, batch, samples_and_processor,
                                                                                    caplog):  # fmt: skip
     import ray
