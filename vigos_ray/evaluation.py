@@ -83,7 +83,8 @@ def read_items(paths: Sequence[str | Path], cfg: Config, limit: int = 0) -> list
         choices = f.get("choices")
         if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
             f["__error__"] = "'choices' must be a list of strings"
-        elif choices and isinstance(f.get("problem"), str):
+            continue
+        if choices and isinstance(f.get("problem"), str):
             f["problem"] = with_choices(f["problem"], choices)
         extras[str(f.get("id"))] = (tuple(choices) if choices else None, f.get("prior_conflict"))
     items, bad = [], Counter()

@@ -148,11 +148,18 @@ class Pipeline:
         raise AssertionError("unreachable")
 
     def settle(self) -> list[dict]:
-        """Wait for the rollout workers' receipts of a push made with `wait=False`, and check them."""
+        """Wait for the rollout workers' receipts of a push made with `wait=False`, and check them. A worker that
+        died before it confirmed is restarted and sent the current weights again, as after any rollout failure."""
         if self._unconfirmed is None:
             return []
         (pending, report), self._unconfirmed = self._unconfirmed, None
-        receipts = pending.result()
+        try:
+            receipts = pending.result()
+        except RayActorError as err:
+            log.warning("a rollout worker died before confirming weight push %d (%s)", report.version,
+                        type(err).__name__)  # fmt: skip
+            self.recover_rollout_workers()
+            return []
         self._check_receipts(report, receipts)
         return receipts
 

@@ -137,3 +137,19 @@ def test_palr_command_measures_given_rollouts_for_both_methods(tmp_path, tiny_fa
     assert report["vigos"]["pooled"]["description"] == 0.0  # the perception teacher never sees the answer
     assert report["opsd"]["pooled"]["reasoning"] > 0.0
     assert "T_d" in proc.stdout and "vigos" in proc.stdout and "opsd" in proc.stdout
+
+
+def test_mathvista_style_records_become_items_with_choices_and_bad_ones_are_skipped(tmp_path):
+    from vigos_ray.evaluation import read_items
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    rows = [{"id": 7, "question": "Which animal?", "choices": ["cat", "dog"], "answer": "B", "image": "a.png",
+             "prior_conflict": True},
+            {"id": "bad", "question": "Which?", "choices": 5, "answer": "B", "image": "a.png"},
+            {"id": "plain", "problem": "What colour?", "answer": "red", "image": "a.png"}]  # fmt: skip
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = read_items([tmp_path / "bench.jsonl"], load_config())
+    assert [it.sample.id for it in items] == ["7", "plain"]  # the record with malformed choices is skipped
+    assert items[0].sample.problem == "Which animal?\nChoices:\n(A) cat\n(B) dog"
+    assert items[0].choices == ("cat", "dog") and items[0].prior_conflict is True
+    assert items[1].choices is None and items[1].prior_conflict is None
