@@ -1,0 +1,116 @@
+"""Supervised warm start: teach a model the answer format on easy-VQA before on-policy distillation (issue #8).
+
+A ViGOS rollout is only supervised by the perception and reasoning teachers when it is in format; a model that
+never writes `<description>...</description><think>...</think>\\boxed{...}` leaves only the reference teacher. The
+targets here are built from easy-VQA's own labels: every image's colour and shape are known from the answers to
+its colour and shape questions, so the description states them, the reasoning connects them to the question, and
+the box holds the reference answer. Single process, no Ray: cross-entropy on the completion tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vigos_ray.config import Config
+from vigos_ray.data import PromptStream, Sample, read_records
+from vigos_ray.easyvqa import write_easyvqa_jsonl
+from vigos_ray.models import load_model, load_processor, write_model_folder
+from vigos_ray.prompts import encode, student_text
+from vigos_ray.scoring import hidden_at, output_head
+from vigos_ray.types import ScoreRow
+
+COLOURS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
+SHAPES = {"circle", "rectangle", "triangle"}
+
+
+def easyvqa_labels(split: str = "train") -> dict[str, tuple[str, str]]:
+    """Image path -> (colour, shape), read off the answers to each image's colour and shape questions."""
+    import easy_vqa
+
+    if split == "train":
+        _, answers, ids, paths = (*easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths())
+    else:
+        _, answers, ids, paths = (*easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths())
+    colour: dict[int, str] = {}
+    shape: dict[int, str] = {}
+    for answer, image in zip(answers, ids, strict=True):
+        if answer in COLOURS:
+            colour[image] = answer
+        elif answer in SHAPES:
+            shape[image] = answer
+    # an image whose questions are all yes/no keeps a vaguer description
+    return {path: (colour.get(i, "coloured"), shape.get(i, "shape")) for i, path in paths.items()}
+
+
+def target_text(sample: Sample, colour: str, shape: str) -> str:
+    """The completion the warm start teaches (it continues the student's `<description>` prefill)."""
+    return (f"The image shows one {colour} {shape} on a light background.</description>"
+            f"<think>The picture holds a single {shape}, coloured {colour}. Checking the question against it, "
+            f"the answer is {sample.answer}.</think>\\boxed{{{sample.answer}}}")  # fmt: skip
+
+
+def completion_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def sft_rows(processor, cfg: Config, samples: list[Sample], labels: dict[str, tuple[str, str]]) -> list[ScoreRow]:
+    """One teacher-forced row per sample (`labels`: sample id -> colour, shape): the student context, then the
+    target completion, every completion token scored."""
+    rows = []
+    for s in samples:
+        ctx = encode(processor, student_text(processor, s.problem, cfg.prompts), s.image)
+        colour, shape = labels[s.id]
+        target = completion_ids(processor.tokenizer, target_text(s, colour, shape))
+        start = len(ctx.input_ids)
+        rows.append(ScoreRow(ctx.input_ids + target, ctx.pixel_values, ctx.image_grid_thw,
+                             tuple(range(start, start + len(target)))))  # fmt: skip
+    return rows
+
+
+def completion_loss(model, rows: list[ScoreRow], vocab: int, budget: int) -> torch.Tensor:
+    """Mean cross-entropy of the rows' completion tokens under `model` (differentiable)."""
+    hidden = torch.cat(hidden_at(model, rows, budget))
+    targets = torch.tensor([r.input_ids[j] for r in rows for j in r.scored])
+    logits = hidden @ output_head(model)[:vocab].T
+    return F.cross_entropy(logits.float(), targets)
+
+
+def train_sft(
+    cfg: Config,
+    model_path: Path,
+    out: Path,
+    steps: int,
+    batch: int = 8,
+    lr: float = 1e-3,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Path:
+    """`steps` AdamW steps (cosine decay) on easy-VQA train; writes a Hugging Face folder at `out`."""
+    torch.manual_seed(cfg.run.seed)
+    processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
+    records = read_records(write_easyvqa_jsonl(Path(cfg.run.cache_dir) / "data", "train"))
+    by_image = easyvqa_labels("train")
+    labels = {str(r.fields["id"]): by_image[r.fields["image"]] for r in records}
+    stream = PromptStream(records, seed=cfg.run.seed, min_pixels=cfg.model.min_pixels,
+                          max_pixels=cfg.model.max_pixels)  # fmt: skip
+    model = load_model(model_path, "float32").train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    vocab = len(processor.tokenizer)
+    for step in range(steps):
+        rows = sft_rows(processor, cfg, stream.next_batch(batch), labels)
+        loss = completion_loss(model, rows, vocab, cfg.teachers.reasoning.token_budget)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    return write_model_folder(model_path, weights, out)
