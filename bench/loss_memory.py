@@ -11,20 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+from common import peak_mb, rss_mb
 
 
 def total_memory_gb() -> float:
@@ -60,7 +53,7 @@ def run_case(path: str, tokens: int, vocab: int, head_rows: int, hidden: int, ch
         per_token, _ = token_losses(h_s, head, teacher, targets, DivergenceSpec("forward"), vocab, teacher_head, chunk)
     per_token.sum().backward()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb()
     torch.save({"loss": per_token.detach(), "grad": h_s.grad}, out + ".pt")
     Path(out).write_text(json.dumps({"peak_mb": peak - base, "seconds": seconds}))
 

@@ -16,26 +16,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from vigos_ray.config import ConfigError, load_config  # noqa: E402
-from vigos_ray.console import report_repeats, setup_console  # noqa: E402
-from vigos_ray.data import DataError  # noqa: E402
+from vigos_ray.config import load_config  # noqa: E402
+from vigos_ray.console import add_config_arguments, input_errors, report_repeats, setup_console  # noqa: E402
 from vigos_ray.evaluation import (  # noqa: E402
     JudgeRequired,
     check_benchmark,
+    eval_decoding,
     eval_files,
     evaluate,
     read_items,
     resolve_eval_model,
     table,
 )
-from vigos_ray.models import ModelFolderError  # noqa: E402
 
 
 def eval_config(cfg):
     """The run config with rollout sampling replaced by the evaluation's decoding."""
-    e = cfg.eval
-    rollout = dataclasses.replace(cfg.rollout, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
-                                  max_new_tokens=e.max_new_tokens, samples_per_prompt=e.samples)  # fmt: skip
+    rollout = dataclasses.replace(cfg.rollout, **eval_decoding(cfg), samples_per_prompt=cfg.eval.samples)
     return dataclasses.replace(cfg, rollout=rollout)
 
 
@@ -45,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", nargs="+", default=["easyvqa"], help="'easyvqa' or record files")
     parser.add_argument("--benchmark", default="", help="benchmark name (refused if it needs an LLM judge)")
     parser.add_argument("--out", type=Path, help="JSON report (default: eval-<benchmark>.json beside the model)")
-    parser.add_argument("--config", help="YAML file overriding the defaults in vigos_ray/config.py")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.samples=8")
+    add_config_arguments(parser, "eval.samples=8")
     args = parser.parse_args(argv)
     repeats = setup_console()
     try:
@@ -55,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         check_benchmark(name)
         folder, what = resolve_eval_model(args.model)
         report = run_eval(cfg, folder, args.data, name)
-    except (ConfigError, DataError, ModelFolderError, JudgeRequired) as err:
+    except (*input_errors(), JudgeRequired) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report = {"model": str(args.model), "evaluated": str(folder), "model_kind": what, **report}
@@ -82,9 +78,7 @@ def run_eval(cfg, folder: Path, data: list[str], name: str) -> dict:
     with tqdm(total=total, desc=f"eval {name}", unit="item") as bar:
         report = evaluate(items, worker.generate, worker.tokenizer, cfg, cfg.eval.samples, cfg.eval.k,
                           seed=cfg.run.seed, image_probe=cfg.eval.image_probe, progress=bar.update)  # fmt: skip
-    e = cfg.eval
-    decoding = {"temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k, "max_new_tokens": e.max_new_tokens}
-    return {"benchmark": name, "data": [str(f) for f in files], "decoding": decoding, **report}
+    return {"benchmark": name, "data": [str(f) for f in files], "decoding": eval_decoding(cfg), **report}
 
 
 if __name__ == "__main__":

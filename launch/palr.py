@@ -18,10 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from vigos_ray.config import ConfigError, load_config  # noqa: E402
-from vigos_ray.console import report_repeats, setup_console  # noqa: E402
+from vigos_ray.config import load_config  # noqa: E402
+from vigos_ray.console import add_config_arguments, input_errors, report_repeats, setup_console  # noqa: E402
 from vigos_ray.data import DataError  # noqa: E402
-from vigos_ray.models import ModelFolderError  # noqa: E402
 
 
 def read_rollouts(path: Path, items, processor, cfg) -> list:
@@ -52,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollouts", type=Path, help="JSONL of {id, completion} to measure instead of sampling")
     parser.add_argument("--k-wrong", type=int, default=3, help="wrong answers per item (SPEC §8 default: 3)")
     parser.add_argument("--out", type=Path, help="JSON report (default: palr.json beside the model)")
-    parser.add_argument("--config", help="YAML file overriding the defaults in vigos_ray/config.py")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.limit=64")
+    add_config_arguments(parser, "eval.limit=64")
     args = parser.parse_args(argv)
     repeats = setup_console()
     try:
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         folder, _ = resolve_eval_model(args.model)
         items = read_items(eval_files(cfg, args.data), cfg, cfg.eval.limit)
         report = measure(cfg, folder, items, args.rollouts, args.k_wrong)
-    except (ConfigError, DataError, ModelFolderError) as err:
+    except input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = args.out or folder.parent / "palr.json"

@@ -9,17 +9,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from vigos_ray.cluster import ResourceError, check_ray_resources, init_ray  # noqa: E402
-from vigos_ray.config import ConfigError, load_config  # noqa: E402
-from vigos_ray.console import report_repeats, setup_console  # noqa: E402
-from vigos_ray.data import DataError  # noqa: E402
-from vigos_ray.models import ModelFolderError  # noqa: E402
+from vigos_ray.config import load_config  # noqa: E402
+from vigos_ray.console import add_config_arguments, input_errors, report_repeats, setup_console  # noqa: E402
 from vigos_ray.preemption import EXIT_PREEMPTED, Preempted  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", help="YAML file overriding the defaults in vigos_ray/config.py")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.temperature=1.1")
+    add_config_arguments(parser, "rollout.temperature=1.1")
     args = parser.parse_args(argv)
     repeats = setup_console()
     try:
@@ -31,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         check_ray_resources(cfg)
 
         run_dir = run(cfg)
-    except (ConfigError, ResourceError, ModelFolderError, DataError) as err:
+    except (*input_errors(), ResourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Preempted as err:  # exit non-zero: the job's retry policy restarts it, and it resumes

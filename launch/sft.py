@@ -13,10 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from vigos_ray.config import ConfigError, load_config  # noqa: E402
-from vigos_ray.console import report_repeats, setup_console  # noqa: E402
-from vigos_ray.data import DataError  # noqa: E402
-from vigos_ray.models import ModelFolderError  # noqa: E402
+from vigos_ray.config import load_config  # noqa: E402
+from vigos_ray.console import add_config_arguments, input_errors, report_repeats, setup_console  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="samples per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to 0)")
     parser.add_argument("--out", type=Path, help="output folder (default: <run.output_dir>/<run.name>-sft)")
-    parser.add_argument("--config", help="YAML file overriding the defaults in vigos_ray/config.py")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.path=/models/qwen")
+    add_config_arguments(parser, "model.path=/models/qwen")
     args = parser.parse_args(argv)
     repeats = setup_console()
     try:
@@ -45,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(loss=f"{loss:.3f}")
 
             folder = train_sft(cfg, model_path, out, args.steps, args.batch, args.lr, on_step)
-    except (ConfigError, DataError, ModelFolderError) as err:
+    except input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"warm-started model: {folder}\nnext: python launch/run.py model.path={folder}")

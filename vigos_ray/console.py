@@ -16,6 +16,22 @@ from collections import Counter
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def add_config_arguments(parser, example: str) -> None:
+    """`--config FILE` and `key=value` overrides, as every command in launch/ takes them."""
+    parser.add_argument("--config", help="YAML file overriding the defaults in vigos_ray/config.py")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input (config, data, model folders): a command prints them as one `error:` line and
+    exits 2, without a traceback."""
+    from vigos_ray.config import ConfigError
+    from vigos_ray.data import DataError
+    from vigos_ray.models import ModelFolderError
+
+    return ConfigError, DataError, ModelFolderError
+
+
 class RepeatCounter(logging.Filter):
     """Passes each warning text once (errors always); counts the repeats."""
 

@@ -256,14 +256,19 @@ def resolve_eval_model(path: Path) -> tuple[Path, str]:
     raise DataError(f"--model {path}: not a model folder, a run directory with final/, or a checkpoint step_N/")
 
 
+def eval_decoding(cfg: Config) -> dict:
+    """The evaluation's decoding (`eval.*`), as the `rollout.*` fields it replaces when sampling."""
+    e = cfg.eval
+    return {"temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k, "max_new_tokens": e.max_new_tokens}
+
+
 def during_training(items: Sequence[EvalItem], generate_async, tokenizer, cfg: Config, seed: int) -> dict[str, float]:
     """Held-out numbers at this step, sampled by the rollout workers' current weights with `eval.*` decoding:
     `generate_async(samples, seed, decoding)` returns a Pending. Keys are `eval/*` metric names."""
     import time
 
     e = cfg.eval
-    decoding = {"temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k,
-                "max_new_tokens": e.max_new_tokens, "samples_per_prompt": e.during_train_samples}  # fmt: skip
+    decoding = {**eval_decoding(cfg), "samples_per_prompt": e.during_train_samples}
     t0 = time.perf_counter()
     report = evaluate(items, lambda samples, s: generate_async(samples, s, decoding).result(), tokenizer, cfg,
                       e.during_train_samples, e.during_train_samples, seed, image_probe=False,

@@ -39,7 +39,7 @@ def test_a_judged_benchmark_is_refused_naming_the_judge():
         check_benchmark("MMVet")
 
 
-def scripted(tokenizer, items, answers_by_image):
+def scripted(tokenizer, answers_by_image):
     """A model that answers `answers_by_image[image colour][sample]`: in format, boxed; the image decides."""
 
     def generate(samples: list[Sample], seed: int):
@@ -69,7 +69,7 @@ def test_scores_probe_and_prior_split_on_a_scripted_model(tiny_fast):
         return [first, second]
 
     cfg = load_config(overrides=[f"model.path={tiny_fast}"])
-    report = evaluate(items, scripted(tok, items, answers), tok, cfg, samples_per_item=2, k=2)
+    report = evaluate(items, scripted(tok, answers), tok, cfg, samples_per_item=2, k=2)
     # true images: q0, q1 1 of 2 right; q2, q3 2 of 2 right
     assert report["pass@2"] == 1.0 and report["avg@2"] == pytest.approx(0.75) and report["accuracy"] == 0.75
     assert report["unparseable"] == pytest.approx(0.25) and report["valid_format"] == pytest.approx(0.75)
