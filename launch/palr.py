@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from vigos_ray.config import load_config  # noqa: E402
 from vigos_ray.console import add_config_arguments, input_errors, report_repeats, setup_console  # noqa: E402
 from vigos_ray.data import DataError  # noqa: E402
+from vigos_ray.palr import palr_table  # noqa: E402
 
 
 def read_rollouts(path: Path, items, processor, cfg) -> list:
@@ -66,20 +67,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or folder.parent / "palr.json"
     out.write_text(json.dumps({"model": str(args.model), **report}, indent=1))
-    print(table(report))
+    print(palr_table(report))
     print(f"report: {out}")
     report_repeats(repeats)
     return 0
 
 
 def measure(cfg, folder: Path, items, rollouts_file: Path | None, k_wrong: int) -> dict:
-    from vigos_ray.models import load_model, load_processor
-    from vigos_ray.palr import answer_pools, palr
-    from vigos_ray.spans import TokenTable, parse_completion
+    from vigos_ray.models import load_processor
+    from vigos_ray.palr import measure_rollouts
 
-    processor = load_processor(folder, cfg.model.min_pixels, cfg.model.max_pixels)
     if rollouts_file is not None:
-        rollouts = read_rollouts(rollouts_file, items, processor, cfg)
+        rollouts = read_rollouts(rollouts_file, items, load_processor(folder, cfg.model.min_pixels,
+                                                                      cfg.model.max_pixels), cfg)  # fmt: skip
     else:
         from workers.rollout import RolloutWorker
 
@@ -87,35 +87,7 @@ def measure(cfg, folder: Path, items, rollouts_file: Path | None, k_wrong: int) 
         worker = RolloutWorker(one, folder)
         worker.use_folder_weights()
         rollouts = worker.generate([it.sample for it in items], seed=cfg.run.seed)
-    table_ = TokenTable.for_tokenizer(processor.tokenizer)
-    valid = sum(parse_completion(r.completion_ids, table_, cfg.loss.span_convention).valid for r in rollouts)
-    report = {"items": len(items), "rollouts": len(rollouts), "valid_rollouts": valid, "k_wrong": k_wrong}
-    if valid == 0:
-        raise DataError(
-            f"none of the {len(rollouts)} rollouts is in the expected format, so PALR has nothing to measure; "
-            "use a model that answers in format (e.g. after the SFT warm start) or pass --rollouts"
-        )
-    model = load_model(folder, "float32").eval()
-    samples = [it.sample for it in items]
-    pools = answer_pools([(it.sample, it.choices) for it in items])
-    for method in ("vigos", "opsd"):
-        result = palr(model, processor, samples, rollouts, cfg, method, pools, k_wrong)
-        report[method] = {"pooled": result.pooled, "per_rollout": result.per_rollout, "tokens": result.tokens}
-    return report
-
-
-def table(report: dict) -> str:
-    lines = [
-        f"PALR over {report['valid_rollouts']} valid rollouts of {report['rollouts']} ({report['items']} items)",
-        f"{'method':8} {'T_d':>8} {'T_ra':>8} {'response':>9}   (pooled over tokens; per-rollout mean below)",
-    ]
-    for method in ("vigos", "opsd"):
-        for kind in ("pooled", "per_rollout"):
-            v = report[method][kind]
-            label = method if kind == "pooled" else ""
-            lines.append(f"{label:8} {100 * v['description']:7.2f}% {100 * v['reasoning']:7.2f}% "
-                         f"{100 * v['response']:8.2f}%")  # fmt: skip
-    return "\n".join(lines)
+    return measure_rollouts(cfg, folder, items, rollouts, k_wrong)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=8, help="samples per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to 0)")
+    parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower's weights as they are")
     parser.add_argument("--out", type=Path, help="output folder (default: <run.output_dir>/<run.name>-sft)")
     add_config_arguments(parser, "model.path=/models/qwen")
     args = parser.parse_args(argv)
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
 
-            folder = train_sft(cfg, model_path, out, args.steps, args.batch, args.lr, on_step)
+            folder = train_sft(cfg, model_path, out, args.steps, args.batch, args.lr, on_step,
+                               train_vision=not args.freeze_vision)
     except input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

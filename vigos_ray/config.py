@@ -373,6 +373,33 @@ class MetricsConfig:
 
 
 @dataclass
+class StudyConfig:
+    # launch/study.py (issue #8): a supervised warm start, then every method trained `run.steps` steps from it for
+    # every seed, then every model evaluated (eval.*) on the same held-out items with the same sampling seeds.
+    methods: list[str] = field(default_factory=lambda: ["vigos", "opsd", "none"])  # none: the warm start as is
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    warm_start_steps: int = 400
+    warm_start_batch: int = 8
+    warm_start_lr: float = 3e-3
+    # Train the vision tower in the warm start too (false: it keeps the initial model's features).
+    warm_start_vision: bool = True
+    palr_items: int = 32  # items whose warm-start rollouts the PALR diagnostic measures
+
+    def __post_init__(self) -> None:
+        known = ("vigos", "opsd", "none")
+        _require(bool(self.methods), "study.methods", f"must name at least one of {list(known)}")
+        for method in self.methods:
+            _require(method in known, "study.methods", f"unknown method {method!r}; choose from {list(known)}")
+        _require(len(set(self.methods)) == len(self.methods), "study.methods", "names a method twice")
+        _require(bool(self.seeds), "study.seeds", "must list at least one seed")
+        _require(len(set(self.seeds)) == len(self.seeds), "study.seeds", "lists a seed twice")
+        _require(self.warm_start_steps >= 0, "study.warm_start_steps", "must be >= 0 (0: no warm start)")
+        _require(self.warm_start_batch >= 1, "study.warm_start_batch", "must be >= 1")
+        _require(self.warm_start_lr > 0, "study.warm_start_lr", f"must be > 0 (got {self.warm_start_lr})")
+        _require(self.palr_items >= 0, "study.palr_items", "must be >= 0 (0: no PALR)")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -386,6 +413,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self) -> None:
         rollouts = self.learner.prompts_per_step * self.rollout.samples_per_prompt

@@ -155,3 +155,41 @@ def _summarize(method: str, groups, eps: float, n: int) -> PalrResult:
         per = [rate(*r) for r in rows if r[0].numel()]
         per_rollout[name] = sum(per) / len(per) if per else 0.0
     return PalrResult(method, pooled, per_rollout, n, tokens)
+
+
+def measure_rollouts(cfg: Config, folder, items, rollouts: Sequence[Rollout], k_wrong: int = 3) -> dict:
+    """PALR of both methods on `rollouts` of the model in `folder` over evaluation `items`: a JSON-ready report
+    (pooled and per-rollout numbers, token counts). Raises DataError if no rollout is in format."""
+    from vigos_ray.data import DataError
+    from vigos_ray.models import load_model, load_processor
+
+    processor = load_processor(folder, cfg.model.min_pixels, cfg.model.max_pixels)
+    table = TokenTable.for_tokenizer(processor.tokenizer)
+    valid = sum(parse_completion(r.completion_ids, table, cfg.loss.span_convention).valid for r in rollouts)
+    report = {"items": len(items), "rollouts": len(rollouts), "valid_rollouts": valid, "k_wrong": k_wrong}
+    if valid == 0:
+        raise DataError(
+            f"none of the {len(rollouts)} rollouts is in the expected format, so PALR has nothing to measure; "
+            "use a model that answers in format (e.g. after the SFT warm start) or pass --rollouts"
+        )
+    model = load_model(folder, "float32").eval()
+    samples = [it.sample for it in items]
+    pools = answer_pools([(it.sample, it.choices) for it in items])
+    for method in ("vigos", "opsd"):
+        result = palr(model, processor, samples, rollouts, cfg, method, pools, k_wrong)
+        report[method] = {"pooled": result.pooled, "per_rollout": result.per_rollout, "tokens": result.tokens}
+    return report
+
+
+def palr_table(report: dict) -> str:
+    lines = [
+        f"PALR over {report['valid_rollouts']} valid rollouts of {report['rollouts']} ({report['items']} items)",
+        f"{'method':8} {'T_d':>8} {'T_ra':>8} {'response':>9}   (pooled over tokens; per-rollout mean below)",
+    ]
+    for method in ("vigos", "opsd"):
+        for kind in ("pooled", "per_rollout"):
+            v = report[method][kind]
+            label = method if kind == "pooled" else ""
+            lines.append(f"{label:8} {100 * v['description']:7.2f}% {100 * v['reasoning']:7.2f}% "
+                         f"{100 * v['response']:8.2f}%")  # fmt: skip
+    return "\n".join(lines)

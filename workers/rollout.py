@@ -26,6 +26,22 @@ def max_new_tokens(cfg: Config) -> int:
     return max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens if cfg.eval.every_steps else 0)
 
 
+def prefill_groups(prompt_lengths: list[int], budget: int | None) -> list[tuple[int, int]]:
+    """Consecutive request ranges, one engine call each, whose prompts together fit in `budget` tokens (None: one
+    range). On CPU every prefill must fit in one scheduler step: vLLM's CPU runner crashes when a seeded request's
+    prefill is split across steps ("CPU Generator does not use offset", vLLM 0.19; seen with 64 requests of ~70
+    tokens against the CPU default of 4,096 tokens per step). A single longer prompt still gets a range of its own."""
+    if budget is None or not prompt_lengths:
+        return [(0, len(prompt_lengths))] if prompt_lengths else []
+    groups, lo, total = [], 0, 0
+    for i, length in enumerate(prompt_lengths):
+        if i > lo and total + length > budget:
+            groups.append((lo, i))
+            lo, total = i, 0
+        total += length
+    return groups + [(lo, len(prompt_lengths))]
+
+
 class StaleWeightsError(RuntimeError):
     """A rollout worker was asked to sample before it received the learner's weights."""
 
@@ -96,7 +112,11 @@ class RolloutWorker:
                     temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
                     logprobs=0, seed=sample_seed(seed, s.id, j), allowed_token_ids=self.allowed_ids,
                 ))  # fmt: skip
-        outputs = self._engine.generate(prompts, params, use_tqdm=False)
+        lengths = [len(ctx.input_ids) for ctx in contexts for _ in range(n)]
+        budget = None if r.num_gpus > 0 else self._engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        outputs = []
+        for lo, hi in prefill_groups(lengths, budget):
+            outputs += self._engine.generate(prompts[lo:hi], params[lo:hi], use_tqdm=False)
         rollouts = []
         for k, out in enumerate(outputs):
             sample, ctx, c = samples[k // n], contexts[k // n], out.outputs[0]
@@ -114,6 +134,31 @@ class RolloutWorker:
         """Sample from the weights loaded from `model_path` (evaluation of a finished model: no learner pushes)."""
         self.version = 0
 
+    def use_weights_from(self, folder: str | Path) -> None:
+        """Sample from the weights of another Hugging Face folder of the same architecture and tokenizer (one
+        engine evaluates several models: a study's arms)."""
+        from safetensors.torch import load_file
+
+        self.version = None
+        named: dict = {}
+        for shard in sorted(Path(folder).glob("*.safetensors")):
+            named.update(load_file(shard))
+        if not named:
+            raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+        self._load(list(named.items()))
+        self.version = 0
+
+    def _load(self, named) -> None:
+        if self._engine is not None:
+            # vLLM's loader maps checkpoint names and repacks for its kernels (direct load_weights is wrong on CPU).
+            self._engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named)})
+            # KV and image-embedding caches hold results of the old weights; the scheduler's encoder-cache
+            # bookkeeping must be dropped with the runner's cache, else the next image request misses.
+            self._engine.reset_prefix_cache()
+            self._engine.llm_engine.reset_encoder_cache()
+        else:
+            self._hf_model.load_state_dict(dict(named), strict=True)
+
     def open_sync_group(self, host: str, port: int, world_size: int) -> None:
         """Join the weight-push group as rank 1 + worker_index (learner rank 0 is rank 0)."""
         self._sync = SyncGroup(host, port, 1 + self.worker_index, world_size, self.cfg.weight_sync.timeout_s)
@@ -125,15 +170,7 @@ class RolloutWorker:
         self.version = None  # stale until the new weights are verified and loaded
         named, checksum, nbytes = receive(specs, bucket_bytes, transport, self._sync, refs or [], expected)
         received = time.perf_counter() - t0
-        if self._engine is not None:
-            # vLLM's loader maps checkpoint names and repacks for its kernels (direct load_weights is wrong on CPU).
-            self._engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named)})
-            # KV and image-embedding caches hold results of the old weights; the scheduler's encoder-cache
-            # bookkeeping must be dropped with the runner's cache, else the next image request misses.
-            self._engine.reset_prefix_cache()
-            self._engine.llm_engine.reset_encoder_cache()
-        else:
-            self._hf_model.load_state_dict(dict(named), strict=True)
+        self._load(named)
         self.version = version
         return {"worker": self.worker_index, "version": version, "checksum": checksum, "bytes": nbytes,
                 "receive_s": received, "apply_s": time.perf_counter() - t0 - received}  # fmt: skip

@@ -1,0 +1,83 @@
+"""The CPU reproduction study (issue #8): `python launch/study.py [--config configs/easyvqa_study.yaml] [k=v ...]`.
+
+Warm start on easy-VQA train, then ViGOS, vanilla OPSD and no further training from it with equal budgets and
+the same seeds, then every arm evaluated on easy-VQA test (Avg@k, valid format, image sensitivity) and PALR per
+segment on the warm start's rollouts. Writes `<run.output_dir>/<run.name>/` with results.md (the table),
+results.json and comparison.png; a study that stopped part-way resumes where it stopped when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+from vigos_ray.cluster import ResourceError, check_ray_resources, init_ray  # noqa: E402
+from vigos_ray.config import load_config  # noqa: E402
+from vigos_ray.console import add_config_arguments, input_errors, report_repeats, setup_console  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "easyvqa_study.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, "study.seeds=[0,1] run.steps=60")
+    args = parser.parse_args(argv)
+    repeats = setup_console()
+    try:
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+        root = run_study(cfg)
+    except (*input_errors(), ResourceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # finished arms and evaluations stay on disk; running again resumes
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        report_repeats(repeats)
+    print((root / "results.md").read_text())
+    print(f"study folder: {root}\nplot: {root / 'comparison.png'}")
+    return 0
+
+
+def run_study(cfg) -> Path:
+    from tqdm import tqdm
+
+    from vigos_ray import study
+    from vigos_ray.driver import preflight
+
+    root = Path(cfg.run.output_dir) / cfg.run.name
+    root.mkdir(parents=True, exist_ok=True)
+    base_model, _ = preflight(cfg)
+    seconds = {}
+    t0 = time.perf_counter()
+    with tqdm(total=cfg.study.warm_start_steps, desc="warm start", unit="step") as bar:
+        warm = study.warm_start(cfg, base_model, root / "warm_start",
+                                lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))  # fmt: skip
+    seconds["warm_start"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trained = [a for a in study.arms(cfg) if a.method != "none"]
+    if trained and not all((root / "arms" / a.name / "final" / "config.json").is_file() for a in trained):
+        arm_cfg = study.arm_config(cfg, trained[0], warm, root / "arms")
+        init_ray(arm_cfg)
+        check_ray_resources(arm_cfg)
+    folders = study.train_arms(cfg, warm, root)
+    seconds["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    per_arm = cfg.eval.limit or 0
+    with tqdm(total=len(study.arms(cfg)) * 2 * per_arm or None, desc="evaluate", unit="item") as bar:
+        reports = study.evaluate_arms(cfg, folders, warm, root, progress=bar.update)
+    seconds["evaluate"] = time.perf_counter() - t0
+    study.write_results(cfg, reports, root, seconds)
+    return root
+
+
+if __name__ == "__main__":
+    sys.exit(main())

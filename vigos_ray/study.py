@@ -1,0 +1,228 @@
+"""The reproduction study of issue #8: warm start -> ViGOS vs OPSD vs no training -> one evaluation of every arm.
+
+Order of work, all under one output folder (`<run.output_dir>/<run.name>`):
+  warm_start/            the supervised warm start (vigos_ray/sft.py) every arm starts from
+  arms/<method>-s<seed>/ one training run per trained method and seed (launch/run.py's run directory layout)
+  eval/<arm>.json        every arm evaluated on the same held-out items with the same sampling seed per seed
+  palr.json              the PALR diagnostic of both methods' teachers on the warm start's own rollouts
+  results.json / results.md / comparison.png
+Arms are equal in budget: the same steps, prompts per step, optimizer and seeds; only `loss.objective` differs.
+A study that stops part-way resumes where it stopped: a finished warm start, trained arm or evaluation is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from vigos_ray.config import Config
+
+log = logging.getLogger(__name__)
+
+# The evaluation numbers the study compares, in table order (label -> how to read it off an evaluation report).
+COMPARED: dict[str, Callable[[dict], float]] = {
+    "Avg@k": lambda r: r[f"avg@{r['k']}"],
+    "Pass@k": lambda r: r[f"pass@{r['k']}"],
+    "accuracy": lambda r: r["accuracy"],
+    "valid format": lambda r: r["valid_format"],
+    "unparseable": lambda r: r["unparseable"],
+    "acc., mismatched image": lambda r: r["image"]["mismatched"],
+    "image sensitivity": lambda r: r["image"]["sensitivity"],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    method: str  # vigos | opsd | none
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-s{self.seed}"
+
+
+def arms(cfg: Config) -> list[Arm]:
+    return [Arm(m, s) for s in cfg.study.seeds for m in cfg.study.methods]
+
+
+def arm_config(cfg: Config, arm: Arm, warm_start: Path, arms_dir: Path) -> Config:
+    """The training config of one arm: the study's config with its seed, objective, start model and run folder."""
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, name=arm.name, output_dir=str(arms_dir), seed=arm.seed),
+        model=dataclasses.replace(cfg.model, path=str(warm_start)),
+        loss=dataclasses.replace(cfg.loss, objective=arm.method),
+    )
+
+
+def eval_config(cfg: Config) -> Config:
+    """Rollout decoding replaced by the evaluation's (SPEC §9 style), `eval.samples` per item."""
+    from vigos_ray.evaluation import eval_decoding
+
+    rollout = dataclasses.replace(cfg.rollout, **eval_decoding(cfg), samples_per_prompt=cfg.eval.samples)
+    return dataclasses.replace(cfg, rollout=rollout)
+
+
+def warm_start(cfg: Config, base_model: Path, out: Path, on_step: Callable[[int, float], None] | None = None) -> Path:
+    """The warm-start folder, trained once: a folder whose recorded settings match is reused."""
+    from vigos_ray.sft import train_sft
+
+    s = cfg.study
+    settings = {"base_model": str(base_model), "seed": cfg.run.seed, "steps": s.warm_start_steps,
+                "batch": s.warm_start_batch, "lr": s.warm_start_lr, "vision": s.warm_start_vision}  # fmt: skip
+    marker = out / "warm_start.json"
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        log.info("warm start already trained: %s", out)
+        return out
+    train_sft(cfg, base_model, out, s.warm_start_steps, s.warm_start_batch, s.warm_start_lr, on_step,
+              train_vision=s.warm_start_vision)  # fmt: skip
+    marker.write_text(json.dumps(settings))
+    return out
+
+
+def train_arms(cfg: Config, warm: Path, root: Path) -> dict[str, Path]:
+    """Train every arm that is not finished yet (needs Ray initialized); returns arm name -> model folder."""
+    from vigos_ray.driver import run
+
+    folders = {}
+    for arm in arms(cfg):
+        if arm.method == "none":
+            folders[arm.name] = warm
+            continue
+        final = root / "arms" / arm.name / "final"
+        if not (final / "config.json").is_file():
+            log.info("training arm %s (%d steps)", arm.name, cfg.run.steps)
+            run(arm_config(cfg, arm, warm, root / "arms"))
+        folders[arm.name] = final
+    return folders
+
+
+def evaluate_arms(cfg: Config, folders: dict[str, Path], warm: Path, root: Path, progress=None) -> dict[str, dict]:
+    """Every arm on the same held-out items through one vLLM engine, arm seed = sampling seed; reports are
+    cached in eval/<arm>.json. Also measures PALR on the warm start's rollouts (palr.json)."""
+    from vigos_ray.evaluation import eval_files, evaluate, read_items
+    from workers.rollout import RolloutWorker
+
+    ecfg = eval_config(cfg)
+    items = read_items(eval_files(cfg, ["easyvqa"]), cfg, cfg.eval.limit)
+    (root / "eval").mkdir(parents=True, exist_ok=True)
+    worker = None
+    reports = {}
+    for arm in arms(cfg):
+        path = root / "eval" / f"{arm.name}.json"
+        if path.is_file():
+            reports[arm.name] = json.loads(path.read_text())
+            continue
+        worker = worker or RolloutWorker(ecfg, warm)
+        worker.use_weights_from(folders[arm.name])
+        report = evaluate(items, worker.generate, worker.tokenizer, ecfg, cfg.eval.samples, cfg.eval.k,
+                          seed=arm.seed, image_probe=True, progress=progress)  # fmt: skip
+        report = {"arm": arm.name, "model": str(folders[arm.name]), **report}
+        path.write_text(json.dumps(report, indent=1))
+        reports[arm.name] = report
+    palr_path = root / "palr.json"
+    if cfg.study.palr_items and not palr_path.is_file():
+        from vigos_ray.palr import measure_rollouts
+
+        worker = worker or RolloutWorker(ecfg, warm)
+        worker.use_weights_from(warm)
+        measured = items[: cfg.study.palr_items]
+        rollouts = worker.generate([it.sample for it in measured], seed=cfg.run.seed)
+        palr_path.write_text(json.dumps(measure_rollouts(cfg, warm, measured, rollouts), indent=1))
+    return reports
+
+
+def summarize(cfg: Config, reports: dict[str, dict]) -> dict:
+    """Per method and compared number: the per-seed values, their mean and (with 2+ seeds) sample std."""
+    out: dict[str, dict] = {}
+    for method in cfg.study.methods:
+        per_seed = [reports[Arm(method, s).name] for s in cfg.study.seeds]
+        out[method] = {}
+        for key, read in COMPARED.items():
+            values = [read(r) for r in per_seed]
+            out[method][key] = {
+                "values": values,
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            }
+    return out
+
+
+def results_table(summary: dict, k: int) -> str:
+    """Markdown: one row per method, mean ± std over seeds, in percent."""
+    labels = [label.replace("@k", f"@{k}") for label in COMPARED]
+    lines = ["| method | " + " | ".join(labels) + " |", "| --- |" + " ---: |" * len(labels)]
+    for method, numbers in summary.items():
+        cells = [f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" for v in numbers.values()]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def palr_rows(palr: dict) -> str:
+    """Markdown: PALR per segment and method (pooled over tokens)."""
+    lines = ["| teacher signal of | T_d | T_ra | response |", "| --- | ---: | ---: | ---: |"]
+    for method in ("vigos", "opsd"):
+        v = palr[method]["pooled"]
+        lines.append(f"| {method} | {100 * v['description']:.2f}% | {100 * v['reasoning']:.2f}% "
+                     f"| {100 * v['response']:.2f}% |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
+    """Bars (mean over seeds, one dot per seed) for accuracy, valid format and image sensitivity, and the
+    held-out accuracy of each trained arm during training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vigos_ray.plots import METHOD_COLOURS, read_run, series
+
+    panels = [("Avg@k", f"Avg@{cfg.eval.k} (easy-VQA test)"), ("valid format", "valid format"),
+              ("image sensitivity", "image sensitivity (true - mismatched)")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.6))
+    methods = list(summary)
+    for ax, (key, title) in zip(axes, panels, strict=False):
+        for x, method in enumerate(methods):
+            numbers = summary[method][key]
+            colour = METHOD_COLOURS.get(method, "tab:gray")
+            ax.bar(x, 100 * numbers["mean"], yerr=100 * numbers["std"], color=colour, alpha=0.6, capsize=4)
+            ax.scatter([x] * len(numbers["values"]), [100 * v for v in numbers["values"]], color="black", s=10)
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("%")
+    ax = axes[-1]
+    for arm in arms(cfg):
+        run_dir = root / "arms" / arm.name
+        if arm.method == "none" or not (run_dir / "metrics.jsonl").is_file():
+            continue
+        steps, values = series(read_run(run_dir), "eval/accuracy")
+        label = arm.method if arm.seed == cfg.study.seeds[0] else None
+        ax.plot(steps, [100 * v for v in values], color=METHOD_COLOURS.get(arm.method), alpha=0.7, label=label)
+    ax.set_title("held-out accuracy during training", fontsize=10)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{cfg.run.name}: {len(cfg.study.seeds)} seeds, {cfg.run.steps} steps per arm", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_results(cfg: Config, reports: dict[str, dict], root: Path, seconds: dict[str, float]) -> dict:
+    summary = summarize(cfg, reports)
+    palr_path = root / "palr.json"
+    palr = json.loads(palr_path.read_text()) if palr_path.is_file() else None
+    results = {"study": dataclasses.asdict(cfg.study), "steps": cfg.run.steps, "eval_items": reports and
+               next(iter(reports.values()))["items"], "summary": summary, "palr": palr, "seconds": seconds}  # fmt: skip
+    (root / "results.json").write_text(json.dumps(results, indent=1))
+    md = [results_table(summary, cfg.eval.k)]
+    if palr:
+        md += ["", palr_rows(palr)]
+    (root / "results.md").write_text("\n".join(md) + "\n")
+    plot(cfg, summary, root, root / "comparison.png")
+    return results
