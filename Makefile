@@ -3,12 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup run test test-all lint
+.PHONY: setup run study test test-all lint
 setup:
 	@bash scripts/setup.sh
 
 run: setup
 	$(PY) launch/run.py $(ARGS)
+
+study: setup
+	$(PY) launch/study.py $(ARGS)
 
 test: setup
 	$(VENV)/bin/ruff check vigos_ray workers launch tests bench

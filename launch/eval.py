@@ -9,7 +9,6 @@ otherwise JSONL/Parquet files in MathVista/MMMU style (see vigos_ray/evaluation.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from vigos_ray.console import add_config_arguments, input_errors, report_repeats
 from vigos_ray.evaluation import (  # noqa: E402
     JudgeRequired,
     check_benchmark,
+    eval_config,
     eval_decoding,
     eval_files,
     evaluate,
@@ -28,12 +28,6 @@ from vigos_ray.evaluation import (  # noqa: E402
     resolve_eval_model,
     table,
 )
-
-
-def eval_config(cfg):
-    """The run config with rollout sampling replaced by the evaluation's decoding."""
-    rollout = dataclasses.replace(cfg.rollout, **eval_decoding(cfg), samples_per_prompt=cfg.eval.samples)
-    return dataclasses.replace(cfg, rollout=rollout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,8 +54,8 @@ def run_study(cfg) -> Path:
     from vigos_ray.driver import preflight
 
     root = Path(cfg.run.output_dir) / cfg.run.name
-    root.mkdir(parents=True, exist_ok=True)
     base_model, _ = preflight(cfg)
+    study.claim_folder(cfg, root)
     seconds = {}
     t0 = time.perf_counter()
     with tqdm(total=cfg.study.warm_start_steps, desc="warm start", unit="step") as bar:

@@ -47,6 +47,20 @@ class Sample:
     solution: str | None = None
 
 
+def other_image_index(images: list[Image.Image]) -> list[int]:
+    """For each i, the first j after i (cyclically) whose image differs in pixels from image i: the counterfactual
+    image of the grounding probe and of PALR. SPEC §8 names sample (i+1) mod N, but datasets such as easy-VQA list
+    several questions about one picture in a row, where i+1 is often the same picture (the probe then measures
+    nothing). (i+1) mod N where every image is the same."""
+    keys = [(im.size, im.mode, hash(im.tobytes())) for im in images]
+    n = len(images)
+    out = []
+    for i in range(n):
+        j = next((k % n for k in range(i + 1, i + n) if keys[k % n] != keys[i]), (i + 1) % n)
+        out.append(j)
+    return out
+
+
 @dataclass(frozen=True)
 class RawRecord:
     source: str  # "file:line" for messages

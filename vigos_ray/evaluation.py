@@ -7,9 +7,9 @@ through the same vLLM engine code as training rollouts (workers/rollout.py), wit
 
 Numbers, per SPEC §9: Avg@k is the mean correctness of k samples per item; Pass@k the unbiased estimator
 1 - C(n-c, k) / C(n, k) over n >= k samples with c correct. A response with no answer to extract is unparseable:
-counted apart and graded wrong. The grounding probe samples every item again with the image of item (i+1) mod N:
-image sensitivity = accuracy with the true image - accuracy with the mismatched one. Where records carry
-`prior_conflict`, accuracy is also split into conflicting (ViLP's Score) and consistent items.
+counted apart and graded wrong. The grounding probe samples every item again with the image of the next item
+that shows another picture: image sensitivity = accuracy with the true image - accuracy with the mismatched one.
+Where records carry `prior_conflict`, accuracy is also split into conflicting (ViLP's Score) and consistent items.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vigos_ray.config import Config
-from vigos_ray.data import DataError, Sample, decode_record, read_files
+from vigos_ray.data import DataError, Sample, decode_record, other_image_index, read_files
 from vigos_ray.grading import extract_answer, grade
 from vigos_ray.spans import TokenTable, parse_completion
 from vigos_ray.types import Rollout
@@ -147,10 +147,12 @@ def summarize(results: Sequence[ItemResult], k: int) -> dict[str, float]:
 
 
 def mismatched(items: Sequence[EvalItem]) -> list[EvalItem]:
-    """Each item with the image of item (i+1) mod N: the grounding probe's counterfactual."""
+    """Each item with the image of the next item showing another picture (data.other_image_index): the
+    grounding probe's counterfactual."""
+    other = other_image_index([it.sample.image for it in items])
     return [
-        dataclasses.replace(it, sample=dataclasses.replace(it.sample, image=items[(i + 1) % len(items)].sample.image))
-        for i, it in enumerate(items)
+        dataclasses.replace(it, sample=dataclasses.replace(it.sample, image=items[j].sample.image))
+        for it, j in zip(items, other, strict=True)
     ]
 
 
@@ -260,6 +262,13 @@ def eval_decoding(cfg: Config) -> dict:
     """The evaluation's decoding (`eval.*`), as the `rollout.*` fields it replaces when sampling."""
     e = cfg.eval
     return {"temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k, "max_new_tokens": e.max_new_tokens}
+
+
+def eval_config(cfg: Config) -> Config:
+    """`cfg` with rollout sampling replaced by the evaluation's decoding, `eval.samples` per item (the config a
+    rollout worker that evaluates is built with)."""
+    rollout = dataclasses.replace(cfg.rollout, **eval_decoding(cfg), samples_per_prompt=cfg.eval.samples)
+    return dataclasses.replace(cfg, rollout=rollout)
 
 
 def during_training(items: Sequence[EvalItem], generate_async, tokenizer, cfg: Config, seed: int) -> dict[str, float]:

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from vigos_ray.config import Config
-from vigos_ray.data import Sample
+from vigos_ray.data import Sample, other_image_index
 from vigos_ray.objective import ContextCache, Segment, plan_batch, segment_positions, segments, teacher_row
 from vigos_ray.scoring import teacher_targets
 from vigos_ray.spans import TokenTable, parse_completion
@@ -111,13 +111,15 @@ def palr(
     k_wrong: int = 3,
     eps: float = 1e-8,
 ) -> PalrResult:
-    """PALR of `method`'s teachers on the valid rollouts (image of sample i swapped with sample (i+1) mod N)."""
+    """PALR of `method`'s teachers on the valid rollouts (q_cf: sample i with the image of the next sample that
+    shows another picture)."""
     cfg = dataclasses.replace(
         cfg, loss=dataclasses.replace(cfg.loss, objective=method, divergence="kl", temperature=1.0)
     )
     table = TokenTable.for_tokenizer(processor.tokenizer)
     by_id = {s.id: s for s in samples}
-    following = {s.id: samples[(k + 1) % len(samples)] for k, s in enumerate(samples)}  # counterfactual images
+    other = other_image_index([s.image for s in samples])
+    following = {s.id: samples[j] for s, j in zip(samples, other, strict=True)}  # counterfactual images
     spans = [parse_completion(r.completion_ids, table, cfg.loss.span_convention) for r in rollouts]
     kept = [(r, sp) for r, sp in zip(rollouts, spans, strict=True) if sp.valid]
     plan = plan_batch(processor, by_id, [r for r, _ in kept], [sp for _, sp in kept], cfg)

@@ -4,7 +4,9 @@ A ViGOS rollout is only supervised by the perception and reasoning teachers when
 never writes `<description>...</description><think>...</think>\\boxed{...}` leaves only the reference teacher. The
 targets here are built from easy-VQA's own labels: every image's colour and shape are known from the answers to
 its colour and shape questions, so the description states them, the reasoning connects them to the question, and
-the box holds the reference answer. Single process, no Ray: cross-entropy on the completion tokens only.
+the box holds the reference answer. Rows are built for the student's context and for each teacher's (the teachers
+are frozen copies of this model and must follow their own prompts). Single process, no Ray: cross-entropy on the
+target tokens only.
 """
 
 from __future__ import annotations
@@ -48,15 +50,19 @@ def easyvqa_labels(split: str = "train") -> dict[str, tuple[str, str]]:
 
 
 def description_text(colour: str, shape: str) -> str:
-    """The description the warm start teaches, closed by `</description>` (its first line of every target)."""
+    """The description the warm start teaches, closed by `</description>`."""
     return f"The image shows one {colour} {shape} on a light background.</description>"
 
 
-def target_text(sample: Sample, colour: str, shape: str) -> str:
-    """The completion the warm start teaches (it continues the student's `<description>` prefill)."""
-    return (description_text(colour, shape) +
-            f"<think>The picture holds a single {shape}, coloured {colour}. Checking the question against it, "
+def reasoning_text(sample: Sample, colour: str, shape: str) -> str:
+    """The reasoning and answer the warm start teaches (what follows `<think>`)."""
+    return (f"The picture holds a single {shape}, coloured {colour}. Checking the question against it, "
             f"the answer is {sample.answer}.</think>\\boxed{{{sample.answer}}}")  # fmt: skip
+
+
+def target_text(sample: Sample, colour: str, shape: str) -> str:
+    """The whole completion the warm start teaches (it continues the student's `<description>` prefill)."""
+    return description_text(colour, shape) + "<think>" + reasoning_text(sample, colour, shape)
 
 
 def completion_ids(tokenizer, text: str, end_turn: bool = True) -> list[int]:
@@ -64,22 +70,33 @@ def completion_ids(tokenizer, text: str, end_turn: bool = True) -> list[int]:
     return ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")] if end_turn else ids
 
 
+CONTEXTS = ("student", "perception", "reasoning", "reference")
+
+
 def sft_rows(
-    processor, cfg: Config, samples: list[Sample], labels: dict[str, tuple[str, str]], describe: bool = True
+    processor, cfg: Config, samples: list[Sample], labels: dict[str, tuple[str, str]], contexts=CONTEXTS
 ) -> list[ScoreRow]:
-    """Teacher-forced rows (`labels`: sample id -> colour, shape), every target token scored: per sample, the
-    student context followed by the whole target, and with `describe` also the perception teacher's image-only
-    context followed by the description, so that the perception teacher later scores descriptions in a context
-    it was trained in (without them its per-token KL to the student was 2.5 on the tiny model)."""
+    """Teacher-forced rows (`labels`: sample id -> colour, shape), every target token scored: per sample and
+    context, the context followed by what the model should write there. The student context gets the whole
+    target; the teachers' contexts (SPEC §5) get the part of it each teacher is asked for, so that the frozen
+    copies of the warm start act on their own prompts the way an instruction-tuned model would (trained on the
+    student context alone, the tiny model's teachers scored text in contexts it had never seen: perception KL 2.5
+    per token, and the distilled students' reasoning degenerated into repeated phrases)."""
     rows = []
     for s in samples:
         colour, shape = labels[s.id]
-        # (context, target, whether the target ends the turn): the description is followed by reasoning
-        pairs = [(student_text(processor, s.problem, cfg.prompts), target_text(s, colour, shape), True)]
-        if describe:
-            perception = teacher_texts(processor, s.problem, s.answer, cfg.prompts, False)["perception"]
-            pairs.append((perception, description_text(colour, shape), False))
-        for context_text, target, end_turn in pairs:
+        teachers = teacher_texts(processor, s.problem, s.answer, cfg.prompts, cfg.loss.rea_teacher_sees_description)
+        whole = target_text(s, colour, shape)
+        # context -> (its text, the target after it, whether the target ends the turn)
+        pairs = {
+            "student": (student_text(processor, s.problem, cfg.prompts), whole, True),
+            "perception": (teachers["perception"], description_text(colour, shape), False),
+            "reasoning": (teachers["reasoning"], whole if cfg.loss.rea_teacher_sees_description
+                          else reasoning_text(s, colour, shape), True),
+            "reference": (teachers["reference"], whole, True),
+        }  # fmt: skip
+        for name in contexts:
+            context_text, target, end_turn = pairs[name]
             ctx = encode(processor, context_text, s.image)
             ids = completion_ids(processor.tokenizer, target, end_turn)
             start = len(ctx.input_ids)

@@ -19,7 +19,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from vigos_ray.config import Config
+from vigos_ray.config import Config, ConfigError, load_config, save_config, to_container
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,32 @@ def arm_config(cfg: Config, arm: Arm, warm_start: Path, arms_dir: Path) -> Confi
     )
 
 
-def eval_config(cfg: Config) -> Config:
-    """Rollout decoding replaced by the evaluation's (SPEC §9 style), `eval.samples` per item."""
-    from vigos_ray.evaluation import eval_decoding
+def claim_folder(cfg: Config, root: Path) -> None:
+    """A study folder holds one study: running it again with the same settings resumes it; other settings would
+    mix results of two configs, so they are refused naming the keys that differ."""
+    saved = root / "config.yaml"
+    if not saved.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+        return
+    before, now = _flat(to_container(load_config(saved))), _flat(to_container(cfg))
+    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in differ[:4])
+        raise ConfigError(
+            f"{root} holds a study with other settings: {shown}{' ...' if len(differ) > 4 else ''}. "
+            f"Give this one another run.name, or delete {root} to start over"
+        )
 
-    rollout = dataclasses.replace(cfg.rollout, **eval_decoding(cfg), samples_per_prompt=cfg.eval.samples)
-    return dataclasses.replace(cfg, rollout=rollout)
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def warm_start(cfg: Config, base_model: Path, out: Path, on_step: Callable[[int, float], None] | None = None) -> Path:
@@ -104,7 +124,7 @@ def train_arms(cfg: Config, warm: Path, root: Path) -> dict[str, Path]:
 def evaluate_arms(cfg: Config, folders: dict[str, Path], warm: Path, root: Path, progress=None) -> dict[str, dict]:
     """Every arm on the same held-out items through one vLLM engine, arm seed = sampling seed; reports are
     cached in eval/<arm>.json. Also measures PALR on the warm start's rollouts (palr.json)."""
-    from vigos_ray.evaluation import eval_files, evaluate, read_items
+    from vigos_ray.evaluation import eval_config, eval_files, evaluate, read_items
     from workers.rollout import RolloutWorker
 
     ecfg = eval_config(cfg)
@@ -173,8 +193,8 @@ def palr_rows(palr: dict) -> str:
 
 
 def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
-    """Bars (mean over seeds, one dot per seed) for accuracy, valid format and image sensitivity, and the
-    held-out accuracy of each trained arm during training."""
+    """Bars (mean over seeds, one dot per seed) for accuracy, valid format and image sensitivity, and the share
+    of each trained arm's rollouts in format while it trained."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,16 +216,20 @@ def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("%")
     ax = axes[-1]
+    window = 10
     for arm in arms(cfg):
         run_dir = root / "arms" / arm.name
         if arm.method == "none" or not (run_dir / "metrics.jsonl").is_file():
             continue
-        steps, values = series(read_run(run_dir), "eval/accuracy")
+        steps, values = series(read_run(run_dir), "valid_rate")
+        smooth = [100 * statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
         label = arm.method if arm.seed == cfg.study.seeds[0] else None
-        ax.plot(steps, [100 * v for v in values], color=METHOD_COLOURS.get(arm.method), alpha=0.7, label=label)
-    ax.set_title("held-out accuracy during training", fontsize=10)
+        ax.plot(steps, smooth, color=METHOD_COLOURS.get(arm.method), alpha=0.7, label=label)
+    ax.set_title(f"valid rollouts while training ({window}-step mean)", fontsize=10)
     ax.set_xlabel("step")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("%")
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.suptitle(f"{cfg.run.name}: {len(cfg.study.seeds)} seeds, {cfg.run.steps} steps per arm", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -214,11 +238,20 @@ def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
 
 
 def write_results(cfg: Config, reports: dict[str, dict], root: Path, seconds: dict[str, float]) -> dict:
+    """results.json, results.md and comparison.png. `seconds` (phase -> time) of this invocation is appended to
+    timings.jsonl; results.json carries the sum over every invocation (a resumed study spans several)."""
     summary = summarize(cfg, reports)
     palr_path = root / "palr.json"
     palr = json.loads(palr_path.read_text()) if palr_path.is_file() else None
-    results = {"study": dataclasses.asdict(cfg.study), "steps": cfg.run.steps, "eval_items": reports and
-               next(iter(reports.values()))["items"], "summary": summary, "palr": palr, "seconds": seconds}  # fmt: skip
+    with (root / "timings.jsonl").open("a") as f:
+        f.write(json.dumps(seconds) + "\n")
+    total: dict[str, float] = {}
+    for line in (root / "timings.jsonl").read_text().splitlines():
+        for phase, value in json.loads(line).items():
+            total[phase] = total.get(phase, 0.0) + value
+    results = {"study": dataclasses.asdict(cfg.study), "steps": cfg.run.steps,
+               "eval_items": next(iter(reports.values()))["items"], "summary": summary, "palr": palr,
+               "seconds": total, "invocations": len((root / "timings.jsonl").read_text().splitlines())}  # fmt: skip
     (root / "results.json").write_text(json.dumps(results, indent=1))
     md = [results_table(summary, cfg.eval.k)]
     if palr:

@@ -145,6 +145,32 @@ def test_vllm_rollouts_match_transformers_logprobs_and_avoid_banned_ids(vllm_wor
     assert worst < 1e-3, f"vLLM sampled log-probs differ from teacher-forced transformers by {worst:.2e}"
 
 
+def test_an_engine_loads_another_folders_weights_and_scores_exactly_like_it(vllm_worker, folders, tmp_path):
+    """`use_weights_from`: one engine evaluates several models (the study's arms) without restarting."""
+    import ray
+
+    from vigos_ray.models import next_token_logprobs, write_model_folder
+
+    kind, actor = vllm_worker
+    original = load_model(folders[kind])
+    torch.manual_seed(0)
+    weights = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in original.named_parameters()}
+    other = write_model_folder(folders[kind], weights, tmp_path / "other")
+    tok = load_processor(other, 3136, 200704).tokenizer
+    ids = tok.encode("what colour is the triangle? the answer is blue")
+    expect = next_token_logprobs(load_model(other), torch.tensor([ids]))
+    try:
+        ray.get(actor.use_weights_from.remote(str(other)), timeout=120)
+        got = torch.tensor(ray.get(actor.token_logprobs.remote(ids), timeout=120))
+    finally:  # the module's other tests sample from the original weights
+        ray.get(actor.use_weights_from.remote(str(folders[kind])), timeout=120)
+    before = next_token_logprobs(original, torch.tensor([ids]))
+    assert (got - expect).abs().max() < 1e-4  # text only: both sides agree to ~5e-7
+    assert (before - expect).abs().max() > 0.01  # the check can tell the two models apart
+    restored = torch.tensor(ray.get(actor.token_logprobs.remote(ids), timeout=120))
+    assert (restored - before).abs().max() < 1e-4
+
+
 def test_vllm_sampling_is_reproducible_by_seed(vllm_worker, samples):
     import ray
 

@@ -8,7 +8,7 @@ import torch
 
 from vigos_ray.config import load_config
 from vigos_ray.models import load_model, load_processor
-from vigos_ray.sft import completion_loss, easyvqa_labels, sft_rows, target_text, train_sft
+from vigos_ray.sft import CONTEXTS, completion_loss, easyvqa_labels, sft_rows, target_text, train_sft
 
 pytestmark = pytest.mark.integration
 
@@ -45,3 +45,32 @@ def test_warm_start_lowers_the_loss_and_the_export_prefers_the_format(tmp_path, 
         after = completion_loss(load_model(folder, "float32"), rows, vocab, 4096)
     assert after < 0.5 * before
     assert target_text(samples[0], *labels[samples[0].id]).endswith(f"\\boxed{{{samples[0].answer}}}")
+
+
+def test_each_context_is_taught_what_its_teacher_is_asked_to_score(tiny_fast, cache_dir):
+    from vigos_ray.data import PromptStream, read_records
+    from vigos_ray.easyvqa import write_easyvqa_jsonl
+    from vigos_ray.prompts import student_text, teacher_texts
+
+    cfg = load_config(overrides=[f"run.cache_dir={cache_dir}"])
+    processor = load_processor(tiny_fast, cfg.model.min_pixels, cfg.model.max_pixels)
+    tok = processor.tokenizer
+    records = read_records(write_easyvqa_jsonl(cache_dir / "data", "train"))[:4]
+    sample = PromptStream(records, seed=0).next_batch(1)[0]
+    labels = {sample.id: ("red", "circle")}
+    rows = dict(zip(CONTEXTS, sft_rows(processor, cfg, [sample], labels), strict=True))
+    contexts = teacher_texts(processor, sample.problem, sample.answer, cfg.prompts, False)
+    contexts["student"] = student_text(processor, sample.problem, cfg.prompts)
+
+    def split(row):  # (context text, target text) of a row: every token after the context is scored
+        start = row.scored[0]
+        assert list(row.scored) == list(range(start, len(row.input_ids)))
+        return tok.decode(row.input_ids[:start]), tok.decode(row.input_ids[start:])
+
+    for name, row in rows.items():
+        context, target = split(row)
+        assert context.endswith(contexts[name].split("<|vision_end|>")[-1]), name
+    assert split(rows["perception"])[1] == "The image shows one red circle on a light background.</description>"
+    assert split(rows["reasoning"])[1].startswith("The picture holds a single circle")
+    assert split(rows["reasoning"])[1].endswith(f"\\boxed{{{sample.answer}}}<|im_end|>")
+    assert split(rows["student"])[1] == split(rows["reference"])[1]  # both write the whole completion

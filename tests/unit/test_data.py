@@ -171,3 +171,12 @@ def test_parquet_records_with_raw_image_bytes_read_like_jsonl(tmp_path):
     assert [s.id for s in samples] == ["p0", "p1", "p2"] and samples[2].image.getpixel((5, 5)) == (0, 80, 0)
     stream.next_batch(1)
     assert stream.bad_counts == {"undecodable_image": 1}
+
+
+def test_counterfactual_image_is_the_next_one_showing_another_picture():
+    from vigos_ray.data import other_image_index
+
+    a, b, c = (Image.new("RGB", (8, 8), colour) for colour in ("red", "blue", "green"))
+    a_again = Image.new("RGB", (8, 8), "red")  # another object, the same pixels: the same picture
+    assert other_image_index([a, a_again, b, a, c]) == [2, 2, 3, 4, 0]
+    assert other_image_index([a, a_again]) == [1, 0]  # nothing else to pick: the next item
