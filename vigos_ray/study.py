@@ -88,10 +88,18 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def warm_start(cfg: Config, base_model: Path, out: Path, on_step: Callable[[int, float], None] | None = None) -> Path:
-    """The warm-start folder, trained once: a folder whose recorded settings match is reused."""
+    """The warm-start folder, trained once: a folder whose recorded settings match is reused. With
+    `study.warm_start_steps=0` the base model itself is the start (a model that already answers in format)."""
     from vigos_ray.sft import train_sft
 
     s = cfg.study
+    if s.warm_start_steps == 0:
+        return base_model
+    if cfg.data.source != "easyvqa":
+        raise ConfigError(
+            "study.warm_start_steps > 0 trains on targets built from easy-VQA's labels, but data.source is "
+            f"{cfg.data.source!r}; set study.warm_start_steps=0 to start from model.path as it is"
+        )
     settings = {"base_model": str(base_model), "seed": cfg.run.seed, "steps": s.warm_start_steps,
                 "batch": s.warm_start_batch, "lr": s.warm_start_lr, "vision": s.warm_start_vision}  # fmt: skip
     marker = out / "warm_start.json"
@@ -122,13 +130,15 @@ def train_arms(cfg: Config, warm: Path, root: Path) -> dict[str, Path]:
 
 
 def evaluate_arms(cfg: Config, folders: dict[str, Path], warm: Path, root: Path, progress=None) -> dict[str, dict]:
-    """Every arm on the same held-out items through one vLLM engine, arm seed = sampling seed; reports are
-    cached in eval/<arm>.json. Also measures PALR on the warm start's rollouts (palr.json)."""
+    """Every arm on the same held-out items (easy-VQA test, or `data.eval_files`) through one vLLM engine, arm
+    seed = sampling seed; reports are cached in eval/<arm>.json. Also measures PALR on the warm start's rollouts
+    (palr.json)."""
+    from vigos_ray.driver import held_out_data
     from vigos_ray.evaluation import eval_config, eval_files, evaluate, read_items
     from workers.rollout import RolloutWorker
 
     ecfg = eval_config(cfg)
-    items = read_items(eval_files(cfg, ["easyvqa"]), cfg, cfg.eval.limit)
+    items = read_items(eval_files(cfg, held_out_data(cfg)), cfg, cfg.eval.limit)
     (root / "eval").mkdir(parents=True, exist_ok=True)
     worker = None
     reports = {}
@@ -193,8 +203,8 @@ def palr_rows(palr: dict) -> str:
 
 
 def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
-    """Bars (mean over seeds, one dot per seed) for accuracy, valid format and image sensitivity, and the share
-    of each trained arm's rollouts in format while it trained."""
+    """Bars (mean over seeds, one dot per seed) for accuracy, valid format and image sensitivity; then, for each
+    trained arm while it trained, the share of rollouts in format and the per-token KL to each teacher."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,7 +214,7 @@ def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
 
     panels = [("Avg@k", f"Avg@{cfg.eval.k} (easy-VQA test)"), ("valid format", "valid format"),
               ("image sensitivity", "image sensitivity (true - mismatched)")]  # fmt: skip
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.6))
+    fig, axes = plt.subplots(1, len(panels) + 2, figsize=(4.2 * (len(panels) + 2), 3.6))
     methods = list(summary)
     for ax, (key, title) in zip(axes, panels, strict=False):
         for x, method in enumerate(methods):
@@ -215,21 +225,30 @@ def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
         ax.set_xticks(range(len(methods)), methods)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("%")
-    ax = axes[-1]
     window = 10
-    for arm in arms(cfg):
-        run_dir = root / "arms" / arm.name
-        if arm.method == "none" or not (run_dir / "metrics.jsonl").is_file():
-            continue
-        steps, values = series(read_run(run_dir), "valid_rate")
-        smooth = [100 * statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+    runs = {arm: read_run(root / "arms" / arm.name) for arm in arms(cfg)
+            if arm.method != "none" and (root / "arms" / arm.name / "metrics.jsonl").is_file()}  # fmt: skip
+    valid_ax, kl_ax = axes[-2], axes[-1]
+    for arm, records in runs.items():
+        colour = METHOD_COLOURS.get(arm.method)
         label = arm.method if arm.seed == cfg.study.seeds[0] else None
-        ax.plot(steps, smooth, color=METHOD_COLOURS.get(arm.method), alpha=0.7, label=label)
-    ax.set_title(f"valid rollouts while training ({window}-step mean)", fontsize=10)
-    ax.set_xlabel("step")
-    ax.set_ylabel("%")
-    if ax.lines:
-        ax.legend(fontsize=8)
+        steps, values = series(records, "valid_rate")
+        smooth = [100 * statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+        valid_ax.plot(steps, smooth, color=colour, alpha=0.7, label=label)
+        for key in (k for k in records[-1] if k.startswith("kl/")):
+            # the reference teacher scores only the few invalid rollouts: points, not a line
+            style = {"kl/perception": {"linestyle": ":"}, "kl/reference": {"linestyle": "none", "marker": "x"}}
+            name = f"{arm.method} {key.split('/')[1]}" if arm.seed == cfg.study.seeds[0] else None
+            points = [(x, y) for x, y in zip(*series(records, key), strict=True) if y > 0]  # 0: no such token
+            if points:
+                kl_ax.plot(*zip(*points, strict=True), color=colour, alpha=0.6, label=name, **style.get(key, {}))
+    valid_ax.set(title=f"valid rollouts while training ({window}-step mean)", xlabel="step", ylabel="%",
+                 ylim=(0, 102))  # fmt: skip
+    kl_ax.set(title="KL per token to the teachers", xlabel="step", yscale="log")
+    for ax in (valid_ax, kl_ax):
+        ax.title.set_fontsize(10)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.suptitle(f"{cfg.run.name}: {len(cfg.study.seeds)} seeds, {cfg.run.steps} steps per arm", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
