@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from vigos_ray.cluster import ResourceError, check_ray_resources, init_ray  # noqa: E402
 from vigos_ray.config import load_config  # noqa: E402
 from vigos_ray.console import add_config_arguments, input_errors, report_repeats, setup_console  # noqa: E402
+from vigos_ray.preemption import EXIT_PREEMPTED, Preempted  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "easyvqa_study.yaml"
 
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except (*input_errors(), ResourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:  # the arm in training saved a checkpoint; running again resumes it
+        print(f"preempted: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:  # finished arms and evaluations stay on disk; running again resumes
         print("interrupted", file=sys.stderr)
         return 130

@@ -212,7 +212,8 @@ def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
 
     from vigos_ray.plots import METHOD_COLOURS, read_run, series
 
-    panels = [("Avg@k", f"Avg@{cfg.eval.k} (easy-VQA test)"), ("valid format", "valid format"),
+    held_out = "easy-VQA test" if cfg.data.source == "easyvqa" else "held-out items"
+    panels = [("Avg@k", f"Avg@{cfg.eval.k} ({held_out})"), ("valid format", "valid format"),
               ("image sensitivity", "image sensitivity (true - mismatched)")]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels) + 2, figsize=(4.2 * (len(panels) + 2), 3.6))
     methods = list(summary)
@@ -229,6 +230,8 @@ def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
     runs = {arm: read_run(root / "arms" / arm.name) for arm in arms(cfg)
             if arm.method != "none" and (root / "arms" / arm.name / "metrics.jsonl").is_file()}  # fmt: skip
     valid_ax, kl_ax = axes[-2], axes[-1]
+    # the reference teacher scores only the few invalid rollouts: points, not a line
+    kl_style = {"kl/perception": {"linestyle": ":"}, "kl/reference": {"linestyle": "none", "marker": "x"}}
     for arm, records in runs.items():
         colour = METHOD_COLOURS.get(arm.method)
         label = arm.method if arm.seed == cfg.study.seeds[0] else None
@@ -236,12 +239,10 @@ def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
         smooth = [100 * statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
         valid_ax.plot(steps, smooth, color=colour, alpha=0.7, label=label)
         for key in (k for k in records[-1] if k.startswith("kl/")):
-            # the reference teacher scores only the few invalid rollouts: points, not a line
-            style = {"kl/perception": {"linestyle": ":"}, "kl/reference": {"linestyle": "none", "marker": "x"}}
             name = f"{arm.method} {key.split('/')[1]}" if arm.seed == cfg.study.seeds[0] else None
             points = [(x, y) for x, y in zip(*series(records, key), strict=True) if y > 0]  # 0: no such token
             if points:
-                kl_ax.plot(*zip(*points, strict=True), color=colour, alpha=0.6, label=name, **style.get(key, {}))
+                kl_ax.plot(*zip(*points, strict=True), color=colour, alpha=0.6, label=name, **kl_style.get(key, {}))
     valid_ax.set(title=f"valid rollouts while training ({window}-step mean)", xlabel="step", ylabel="%",
                  ylim=(0, 102))  # fmt: skip
     kl_ax.set(title="KL per token to the teachers", xlabel="step", yscale="log")

