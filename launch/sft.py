@@ -2,7 +2,7 @@
 
 Teaches the student (`model.path`, or the tiny default) the answer format with targets built from easy-VQA's labels
 (vigos_ray/sft.py), then writes a Hugging Face folder to start ViGOS from: `launch/run.py model.path=DIR`.
-On this 2-core machine the tiny model reaches 100% valid format in 400 steps (about 25 s).
+On this 2-core machine the tiny model reaches 100% valid format in 400 steps (about 55 s: four rows per sample).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=8, help="samples per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to 0)")
-    parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower's weights as they are")
+    parser.add_argument("--train-vision", action="store_true",
+                        help="train the vision tower too (by default it is kept: trained, the tiny tower collapsed)")
     parser.add_argument("--out", type=Path, help="output folder (default: <run.output_dir>/<run.name>-sft)")
     add_config_arguments(parser, "model.path=/models/qwen")
     args = parser.parse_args(argv)
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(loss=f"{loss:.3f}")
 
             folder = train_sft(cfg, model_path, out, args.steps, args.batch, args.lr, on_step,
-                               train_vision=not args.freeze_vision)
+                               train_vision=args.train_vision)
     except input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

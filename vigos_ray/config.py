@@ -381,8 +381,9 @@ class StudyConfig:
     warm_start_steps: int = 400
     warm_start_batch: int = 8
     warm_start_lr: float = 3e-3
-    # Train the vision tower in the warm start too (false: it keeps the initial model's features).
-    warm_start_vision: bool = True
+    # Train the vision tower in the warm start too (false: it keeps the initial model's features; trained, the
+    # tiny model's tower collapsed to one output for every image).
+    warm_start_vision: bool = False
     palr_items: int = 32  # items whose warm-start rollouts the PALR diagnostic measures
 
     def __post_init__(self) -> None:

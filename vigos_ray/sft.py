@@ -121,10 +121,11 @@ def train_sft(
     batch: int = 8,
     lr: float = 1e-3,
     on_step: Callable[[int, float], None] | None = None,
-    train_vision: bool = True,
+    train_vision: bool = False,
 ) -> Path:
     """`steps` AdamW steps (cosine decay) on easy-VQA train; writes a Hugging Face folder at `out`.
-    `train_vision=False` keeps the vision tower (encoder and merger) as it is."""
+    The vision tower (encoder and merger) is kept as it is unless `train_vision`: trained along, the tiny model's
+    tower collapsed to one output for every image."""
     torch.manual_seed(cfg.run.seed)
     processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
     records = read_records(write_easyvqa_jsonl(Path(cfg.run.cache_dir) / "data", "train"))
