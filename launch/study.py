@@ -15,10 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from vigos_ray.cluster import ResourceError, check_ray_resources, init_ray  # noqa: E402
+from vigos_ray.cluster import check_ray_resources, init_ray  # noqa: E402
 from vigos_ray.config import load_config  # noqa: E402
-from vigos_ray.console import add_config_arguments, input_errors, report_repeats, setup_console  # noqa: E402
-from vigos_ray.preemption import EXIT_PREEMPTED, Preempted  # noqa: E402
+from vigos_ray.console import add_config_arguments, run_ray_command, setup_console  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "easyvqa_study.yaml"
 
@@ -27,28 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, "study.seeds=[0,1] run.steps=60")
     args = parser.parse_args(argv)
-    repeats = setup_console()
-    try:
-        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
-        root = run_study(cfg)
-    except (*input_errors(), ResourceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Preempted as err:  # the arm in training saved a checkpoint; running again resumes it
-        print(f"preempted: {err}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except KeyboardInterrupt:  # finished arms and evaluations stay on disk; running again resumes
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        report_repeats(repeats)
-    print((root / "results.md").read_text())
-    print(f"study folder: {root}\nplot: {root / 'comparison.png'}")
-    return 0
+    # finished arms and evaluations stay on disk whatever stops the study; running it again resumes
+    code, root = run_ray_command(lambda: run_study(load_config(args.config or DEFAULT_CONFIG, args.overrides)),
+                                 setup_console())  # fmt: skip
+    if code == 0:
+        print((root / "results.md").read_text())
+        print(f"study folder: {root}\nplot: {root / 'comparison.png'}")
+    return code
 
 
 def run_study(cfg) -> Path:
@@ -67,9 +51,9 @@ def run_study(cfg) -> Path:
                                 lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))  # fmt: skip
     seconds["warm_start"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    trained = [a for a in study.arms(cfg) if a.method != "none"]
-    if trained and not all((root / "arms" / a.name / "final" / "config.json").is_file() for a in trained):
-        arm_cfg = study.arm_config(cfg, trained[0], warm, root / "arms")
+    untrained = study.untrained_arms(cfg, root)
+    if untrained:  # a cluster only when there is training left to do
+        arm_cfg = study.arm_config(cfg, untrained[0], warm, root / "arms")
         init_ray(arm_cfg)
         check_ray_resources(arm_cfg)
     folders = study.train_arms(cfg, warm, root)

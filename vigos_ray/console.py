@@ -32,6 +32,33 @@ def input_errors() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, ModelFolderError
 
 
+def run_ray_command(body, repeats) -> tuple[int, object]:
+    """Run the body of a command that may start a Ray cluster (launch/run.py, launch/study.py); returns
+    (exit code, the body's result). Bad input or an unmeetable resource request: one `error:` line, exit 2. A
+    preemption notice: exit 143, so a job's retry policy restarts it and it resumes from its checkpoint. Ctrl-C:
+    exit 130 (what was written stays on disk). Ray is shut down and repeated warnings summed whatever happens."""
+    from vigos_ray.cluster import ResourceError
+    from vigos_ray.preemption import EXIT_PREEMPTED, Preempted
+
+    try:
+        return 0, body()
+    except (*input_errors(), ResourceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2, None
+    except Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED, None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130, None
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        report_repeats(repeats)
+
+
 class RepeatCounter(logging.Filter):
     """Passes each warning text once (errors always); counts the repeats."""
 

@@ -112,21 +112,23 @@ def warm_start(cfg: Config, base_model: Path, out: Path, on_step: Callable[[int,
     return out
 
 
+def final_folder(root: Path, arm: Arm) -> Path:
+    return root / "arms" / arm.name / "final"
+
+
+def untrained_arms(cfg: Config, root: Path) -> list[Arm]:
+    """Arms with a method to train whose run has not exported its final model yet."""
+    return [a for a in arms(cfg) if a.method != "none" and not (final_folder(root, a) / "config.json").is_file()]
+
+
 def train_arms(cfg: Config, warm: Path, root: Path) -> dict[str, Path]:
     """Train every arm that is not finished yet (needs Ray initialized); returns arm name -> model folder."""
     from vigos_ray.driver import run
 
-    folders = {}
-    for arm in arms(cfg):
-        if arm.method == "none":
-            folders[arm.name] = warm
-            continue
-        final = root / "arms" / arm.name / "final"
-        if not (final / "config.json").is_file():
-            log.info("training arm %s (%d steps)", arm.name, cfg.run.steps)
-            run(arm_config(cfg, arm, warm, root / "arms"))
-        folders[arm.name] = final
-    return folders
+    for arm in untrained_arms(cfg, root):
+        log.info("training arm %s (%d steps)", arm.name, cfg.run.steps)
+        run(arm_config(cfg, arm, warm, root / "arms"))
+    return {a.name: warm if a.method == "none" else final_folder(root, a) for a in arms(cfg)}
 
 
 def evaluate_arms(cfg: Config, folders: dict[str, Path], warm: Path, root: Path, progress=None) -> dict[str, dict]:
@@ -265,13 +267,14 @@ def write_results(cfg: Config, reports: dict[str, dict], root: Path, seconds: di
     palr = json.loads(palr_path.read_text()) if palr_path.is_file() else None
     with (root / "timings.jsonl").open("a") as f:
         f.write(json.dumps(seconds) + "\n")
+    invocations = [json.loads(line) for line in (root / "timings.jsonl").read_text().splitlines()]
     total: dict[str, float] = {}
-    for line in (root / "timings.jsonl").read_text().splitlines():
-        for phase, value in json.loads(line).items():
+    for timing in invocations:
+        for phase, value in timing.items():
             total[phase] = total.get(phase, 0.0) + value
     results = {"study": dataclasses.asdict(cfg.study), "steps": cfg.run.steps,
                "eval_items": next(iter(reports.values()))["items"], "summary": summary, "palr": palr,
-               "seconds": total, "invocations": len((root / "timings.jsonl").read_text().splitlines())}  # fmt: skip
+               "seconds": total, "invocations": len(invocations)}  # fmt: skip
     (root / "results.json").write_text(json.dumps(results, indent=1))
     md = [results_table(summary, cfg.eval.k)]
     if palr:
