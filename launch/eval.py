@@ -15,8 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from vigos_ray.config import load_config  # noqa: E402
-from vigos_ray.console import add_config_arguments, input_errors, report_repeats, setup_console  # noqa: E402
+from vigos_ray.console import Console, add_config_arguments, command_config, error, input_errors, progress, say  # noqa: E402
 from vigos_ray.evaluation import (  # noqa: E402
     JudgeRequired,
     check_benchmark,
@@ -25,6 +24,7 @@ from vigos_ray.evaluation import (  # noqa: E402
     eval_files,
     evaluate,
     read_items,
+    report_home,
     resolve_eval_model,
     table,
 )
@@ -38,30 +38,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON report (default: eval-<benchmark>.json beside the model)")
     add_config_arguments(parser, "eval.samples=8")
     args = parser.parse_args(argv)
-    repeats = setup_console()
-    try:
-        cfg = eval_config(load_config(args.config, args.overrides))
-        name = args.benchmark or ("easyvqa" if args.data == ["easyvqa"] else Path(args.data[0]).stem)
-        check_benchmark(name)
-        folder, what = resolve_eval_model(args.model)
-        report = run_eval(cfg, folder, args.data, name)
-    except (*input_errors(), JudgeRequired) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    report = {"model": str(args.model), "evaluated": str(folder), "model_kind": what, **report}
-    out = args.out or folder.parent / f"eval-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"\n{name}: {report['items']} items x {report['samples_per_item']} samples, model {args.model}")
-    print(table(report))
-    print(f"report: {out}")
-    report_repeats(repeats)
+    cfg, code = command_config(args)
+    if cfg is None:
+        return code
+    name = args.benchmark or ("easyvqa" if args.data == ["easyvqa"] else Path(args.data[0]).stem)
+    out = args.out or report_home(args.model) / f"eval-{name}.json"
+    with Console(out.with_suffix(".log")):
+        try:
+            check_benchmark(name)
+            folder, what = resolve_eval_model(args.model)
+            report = run_eval(eval_config(cfg), folder, args.data, name)
+        except (*input_errors(), JudgeRequired) as err:
+            error(f"error: {err}")
+            return 2
+        report = {"model": str(args.model), "evaluated": str(folder), "model_kind": what, **report}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        say(f"\n{name}: {report['items']} items x {report['samples_per_item']} samples, model {args.model}")
+        say(table(report))
+        say(f"report: {out} (log: {out.with_suffix('.log')})")
     return 0
 
 
 def run_eval(cfg, folder: Path, data: list[str], name: str) -> dict:
-    from tqdm import tqdm
-
     from workers.rollout import RolloutWorker
 
     files = eval_files(cfg, data)
@@ -69,7 +68,7 @@ def run_eval(cfg, folder: Path, data: list[str], name: str) -> dict:
     worker = RolloutWorker(cfg, folder)
     worker.use_folder_weights()
     total = len(items) * (2 if cfg.eval.image_probe else 1)
-    with tqdm(total=total, desc=f"eval {name}", unit="item") as bar:
+    with progress(total=total, desc=f"eval {name}", unit="item") as bar:
         report = evaluate(items, worker.generate, worker.tokenizer, cfg, cfg.eval.samples, cfg.eval.k,
                           seed=cfg.run.seed, image_probe=cfg.eval.image_probe, progress=bar.update)  # fmt: skip
     return {"benchmark": name, "data": [str(f) for f in files], "decoding": eval_decoding(cfg), **report}

@@ -18,8 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from vigos_ray.config import load_config  # noqa: E402
-from vigos_ray.console import add_config_arguments, input_errors, report_repeats, setup_console  # noqa: E402
+from vigos_ray.console import Console, add_config_arguments, command_config, error, input_errors, say  # noqa: E402
 from vigos_ray.data import DataError  # noqa: E402
 from vigos_ray.palr import palr_table  # noqa: E402
 
@@ -54,22 +53,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON report (default: palr.json beside the model)")
     add_config_arguments(parser, "eval.limit=64")
     args = parser.parse_args(argv)
-    repeats = setup_console()
-    try:
-        from vigos_ray.evaluation import eval_files, read_items, resolve_eval_model
+    cfg, code = command_config(args)
+    if cfg is None:
+        return code
+    from vigos_ray.evaluation import eval_files, read_items, report_home, resolve_eval_model
 
-        cfg = load_config(args.config, args.overrides)
-        folder, _ = resolve_eval_model(args.model)
-        items = read_items(eval_files(cfg, args.data), cfg, cfg.eval.limit)
-        report = measure(cfg, folder, items, args.rollouts, args.k_wrong)
-    except input_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = args.out or folder.parent / "palr.json"
-    out.write_text(json.dumps({"model": str(args.model), **report}, indent=1))
-    print(palr_table(report))
-    print(f"report: {out}")
-    report_repeats(repeats)
+    out = args.out or report_home(args.model) / "palr.json"
+    with Console(out.with_suffix(".log")):
+        try:
+            folder, _ = resolve_eval_model(args.model)
+            items = read_items(eval_files(cfg, args.data), cfg, cfg.eval.limit)
+            report = measure(cfg, folder, items, args.rollouts, args.k_wrong)
+        except input_errors() as err:
+            error(f"error: {err}")
+            return 2
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": str(args.model), **report}, indent=1))
+        say(palr_table(report))
+        say(f"report: {out} (log: {out.with_suffix('.log')})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The CPU reproduction study (issue #8): `python launch/study.py [--config configs/easyvqa_study.yaml] [k=v ...]`.
+"""The CPU reproduction study: `python launch/study.py [--config configs/easyvqa_study.yaml] [k=v ...]`.
 
 Warm start on easy-VQA train, then ViGOS, vanilla OPSD and no further training from it with equal budgets and
 the same seeds, then every arm evaluated on easy-VQA test (Avg@k, valid format, image sensitivity) and PALR per
@@ -16,8 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from vigos_ray.cluster import check_ray_resources, init_ray  # noqa: E402
-from vigos_ray.config import load_config  # noqa: E402
-from vigos_ray.console import add_config_arguments, run_ray_command, setup_console  # noqa: E402
+from vigos_ray.console import Console, add_config_arguments, command_config, progress, run_ray_command, say  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "easyvqa_study.yaml"
 
@@ -26,29 +25,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, "study.seeds=[0,1] run.steps=60")
     args = parser.parse_args(argv)
-    # finished arms and evaluations stay on disk whatever stops the study; running it again resumes
-    code, root = run_ray_command(lambda: run_study(load_config(args.config or DEFAULT_CONFIG, args.overrides)),
-                                 setup_console())  # fmt: skip
-    if code == 0:
-        print((root / "results.md").read_text())
-        print(f"study folder: {root}\nplot: {root / 'comparison.png'}")
+    args.config = args.config or DEFAULT_CONFIG
+    cfg, code = command_config(args)
+    if cfg is None:
+        return code
+    root = Path(cfg.run.output_dir) / cfg.run.name
+    with Console(root / "logs" / "study.log"):
+        say(f"logs: {root / 'logs'} (libraries, Ray and each actor; the terminal shows our lines only)")
+        # finished arms and evaluations stay on disk whatever stops the study; running it again resumes
+        code, _ = run_ray_command(lambda: run_study(cfg))
+        if code == 0:
+            say((root / "results.md").read_text())
+            say(f"study folder: {root}\nplot: {root / 'comparison.png'}")
     return code
 
 
 def run_study(cfg) -> Path:
-    from tqdm import tqdm
-
     from vigos_ray import study
     from vigos_ray.driver import preflight
+    from vigos_ray.sft import base_config, warm_start
 
     root = Path(cfg.run.output_dir) / cfg.run.name
-    base_model, _ = preflight(cfg)
+    base_model, _ = preflight(base_config(cfg))  # the study trains its own warm start (warm_start.*)
     study.claim_folder(cfg, root)
     seconds = {}
     t0 = time.perf_counter()
-    with tqdm(total=cfg.study.warm_start_steps, desc="warm start", unit="step") as bar:
-        warm = study.warm_start(cfg, base_model, root / "warm_start",
-                                lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))  # fmt: skip
+    warm = warm_start(cfg, base_model, root / "warm_start")
     seconds["warm_start"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     untrained = study.untrained_arms(cfg, root)
@@ -60,7 +62,7 @@ def run_study(cfg) -> Path:
     seconds["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     per_arm = cfg.eval.limit or 0
-    with tqdm(total=len(study.arms(cfg)) * 2 * per_arm or None, desc="evaluate", unit="item") as bar:
+    with progress(total=len(study.arms(cfg)) * 2 * per_arm or None, desc="evaluate", unit="item") as bar:
         reports = study.evaluate_arms(cfg, folders, warm, root, progress=bar.update)
     seconds["evaluate"] = time.perf_counter() - t0
     study.write_results(cfg, reports, root, seconds)

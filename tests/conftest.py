@@ -45,3 +45,12 @@ def ray_cluster(tmp_path_factory):
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_warm(cache_dir) -> Path:
+    """The default student: the tiny model's warm start, built once into the session's cache as `make run` does."""
+    from vigos_ray.config import load_config
+    from vigos_ray.sft import initial_model
+
+    return initial_model(load_config(overrides=[f"run.cache_dir={cache_dir}"]))

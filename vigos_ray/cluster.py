@@ -26,7 +26,7 @@ class Demand:
 
 def demands(cfg: Config) -> list[Demand]:
     out = [Demand("rollout", cfg.rollout.workers, "rollout.workers", cfg.rollout.num_cpus, cfg.rollout.num_gpus)]
-    for role, pool in cfg.teachers.pools().items():
+    for role, pool in cfg.teacher_pools().items():
         key = f"teachers.{role}"
         # a pool starts at max(min_workers, 1): the step needs one scorer of each role
         out.append(Demand(key, max(pool.min_workers, 1), f"{key}.min_workers", pool.num_cpus, pool.num_gpus))

@@ -50,6 +50,9 @@ class ModelConfig:
     # Tiny real-architecture model built offline: `fast` (small trained tokenizer) or `qwen_vocab` (real
     # Qwen2.5 vocabulary, 151,665 tokens). Used only when `path` is empty.
     tiny: Literal["fast", "qwen_vocab"] = "fast"
+    # Start the tiny model from its supervised warm start (warm_start.*), trained once into the cache beside it:
+    # a random model never writes the output format, so only the reference teacher would have tokens to score.
+    tiny_warm_start: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Image size range handed to the processor (pixels). Qwen2.5-VL patches are 28x28 after merging.
     min_pixels: int = 56 * 56
@@ -116,7 +119,7 @@ class RolloutConfig:
     temperature: float = 1.1
     top_p: float = 0.95
     top_k: int = 20
-    max_new_tokens: int = 64
+    max_new_tokens: int = 96  # a warm-started tiny model's answer is about 70 tokens
     # vLLM KV-cache size. On CPU pass bytes (else vLLM reserves most of RAM); on GPU a memory fraction.
     kv_cache_memory_bytes: int = 256 * 2**20
     gpu_memory_utilization: float = 0.85
@@ -191,6 +194,12 @@ class TeachersConfig:
         return {"perception": self.perception, "reasoning": self.reasoning, "reference": self.reference}
 
 
+# The teacher pools each objective scores with (the roles its segments in vigos_ray/objective.py name); a run
+# starts only these.
+OBJECTIVE_TEACHERS = {"vigos": ("perception", "reasoning", "reference"), "opsd": ("reference",),
+                      "distill": ("reference",)}  # fmt: skip
+
+
 @dataclass
 class LossConfig:
     # vigos: three teachers; opsd: the privileged full-format teacher on every token; distill: external teacher.
@@ -248,7 +257,7 @@ class LearnerConfig:
     num_gpus: float = 0.0  # per rank
     num_cpus: float = 1.0
     prompts_per_step: int = 4
-    lr: float = 5e-6
+    lr: float = 1e-4  # the tiny CPU default's; the paper's 5e-6 for 3B/7B is in configs/qwen25vl_*.yaml
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: Literal["linear", "constant", "cosine"] = "linear"
@@ -312,7 +321,7 @@ class RunConfig:
     # Where built tiny models and prepared datasets are cached between runs.
     cache_dir: str = ".cache/vigos"
     seed: int = 0
-    steps: int = 3
+    steps: int = 20
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = 1
     # Ray cluster to join; empty starts a local one on loopback (or joins the job's cluster under `ray job submit`).
@@ -359,7 +368,7 @@ class EvalConfig:
 class MetricsConfig:
     # Where per-step metrics go, besides metrics.jsonl (always written): any of console, tensorboard, wandb, mlflow.
     sinks: list[str] = field(default_factory=lambda: ["console"])
-    console_every: int = 1  # a one-line step summary in the log every this many steps
+    console_every: int = 5  # a one-line step summary on the terminal every this many steps (and the last)
     wandb_project: str = "vigos-ray"
     wandb_mode: Literal["offline", "online"] = "offline"
     mlflow_uri: str = ""  # empty: a local file store in runs/<run.name>/mlruns
@@ -373,17 +382,30 @@ class MetricsConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    # The supervised warm start (vigos_ray/sft.py): targets built from easy-VQA's labels teach the output format in
+    # the student's context and in each teacher's. Used by the tiny default (model.tiny_warm_start), launch/sft.py
+    # and the study. 150 steps (about 25 s on 2 cores) leave the tiny model in format on most rollouts, not all:
+    # the default run then gives every teacher, the reference teacher included, tokens to score.
+    steps: int = 150
+    batch: int = 8  # samples per step (each gives one row per context: student, perception, reasoning, reference)
+    lr: float = 3e-3  # peak learning rate, cosine decay to 0
+    # Train the vision tower too (false: it keeps the initial model's features; trained, the tiny model's tower
+    # collapsed to one output for every image).
+    train_vision: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0, "warm_start.steps", f"must be >= 0 (got {self.steps}; 0: no warm start)")
+        _require(self.batch >= 1, "warm_start.batch", f"must be >= 1 (got {self.batch})")
+        _require(self.lr > 0, "warm_start.lr", f"must be > 0 (got {self.lr})")
+
+
+@dataclass
 class StudyConfig:
     # launch/study.py (issue #8): a supervised warm start, then every method trained `run.steps` steps from it for
     # every seed, then every model evaluated (eval.*) on the same held-out items with the same sampling seeds.
     methods: list[str] = field(default_factory=lambda: ["vigos", "opsd", "none"])  # none: the warm start as is
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    warm_start_steps: int = 400
-    warm_start_batch: int = 8
-    warm_start_lr: float = 3e-3
-    # Train the vision tower in the warm start too (false: it keeps the initial model's features; trained, the
-    # tiny model's tower collapsed to one output for every image).
-    warm_start_vision: bool = False
     palr_items: int = 32  # items whose warm-start rollouts the PALR diagnostic measures
 
     def __post_init__(self) -> None:
@@ -394,9 +416,6 @@ class StudyConfig:
         _require(len(set(self.methods)) == len(self.methods), "study.methods", "names a method twice")
         _require(bool(self.seeds), "study.seeds", "must list at least one seed")
         _require(len(set(self.seeds)) == len(self.seeds), "study.seeds", "lists a seed twice")
-        _require(self.warm_start_steps >= 0, "study.warm_start_steps", "must be >= 0 (0: no warm start)")
-        _require(self.warm_start_batch >= 1, "study.warm_start_batch", "must be >= 1")
-        _require(self.warm_start_lr > 0, "study.warm_start_lr", f"must be > 0 (got {self.warm_start_lr})")
         _require(self.palr_items >= 0, "study.palr_items", "must be >= 0 (0: no PALR)")
 
 
@@ -414,7 +433,12 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+
+    def teacher_pools(self) -> dict[str, TeacherPoolConfig]:
+        """The teacher pools this run starts: the roles `loss.objective` scores with."""
+        return {role: self.teachers.pools()[role] for role in OBJECTIVE_TEACHERS[self.loss.objective]}
 
     def __post_init__(self) -> None:
         rollouts = self.learner.prompts_per_step * self.rollout.samples_per_prompt

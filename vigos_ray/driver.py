@@ -14,19 +14,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ray.exceptions import RayActorError
-from tqdm import tqdm
 
 from vigos_ray.checkpoint import Checkpointer, DriverState, load_driver_state, resume_path
 from vigos_ray.config import Config, save_config
+from vigos_ray.console import progress
 from vigos_ray.data import PromptStream, read_files
 from vigos_ray.easyvqa import write_easyvqa_jsonl
 from vigos_ray.evaluation import during_training, eval_files, read_items
 from vigos_ray.metrics import Metrics, step_record
-from vigos_ray.models import check_teacher_checkpoints, load_processor, resolve_model_path
+from vigos_ray.models import check_teacher_checkpoints, load_processor
 from vigos_ray.objective import plan_batch
 from vigos_ray.pipeline import Pipeline
 from vigos_ray.preemption import DrainWatch, Preempted, Preemption
 from vigos_ray.prompts import encode, student_text
+from vigos_ray.sft import initial_model
 from vigos_ray.spans import TokenTable, parse_completion
 from workers.group import Ready
 
@@ -52,17 +53,19 @@ def held_out_data(cfg: Config) -> list[str]:
 
 
 def preflight(cfg: Config):
-    """The checks that need no cluster: the student folder (built, for the tiny default) and every teacher
-    checkpoint against its tokenizer. Returns (model folder, processor); raises naming the key to change."""
-    model_path = resolve_model_path(cfg.model, cfg.run.cache_dir, seed=cfg.run.seed).resolve()
+    """The checks that need no cluster: the student folder (built and warm-started once, for the tiny default) and
+    every teacher checkpoint against its tokenizer. Returns (model folder, processor); raises naming the key to
+    change."""
+    model_path = initial_model(cfg)
     processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
     check_teacher_checkpoints(cfg, processor.tokenizer)
     return model_path, processor
 
 
-def run(cfg: Config) -> Path:
+def run(cfg: Config, log_dir: Path | None = None) -> Path:
     """Train to `run.steps`, resuming from this run's latest checkpoint unless `checkpoint.resume=never`; returns
-    the run directory (config.yaml, metrics.jsonl, checkpoints/, final/). Raises Preempted after a SIGTERM."""
+    the run directory (config.yaml, metrics.jsonl, checkpoints/, final/). Raises Preempted after a SIGTERM.
+    `log_dir`: where each actor's output goes (None: through Ray to this process)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -70,7 +73,7 @@ def run(cfg: Config) -> Path:
     prompts = prompt_stream(cfg, processor)
     checkpoints = Checkpointer(cfg.checkpoint, run_dir / "checkpoints")
     resume = resume_path(cfg.checkpoint, checkpoints.root)
-    pipe = Pipeline(cfg, model_path)
+    pipe = Pipeline(cfg, model_path, log_dir.resolve() if log_dir else None)
     log.info("actors up and initial weights pushed in %.1f s", pipe.startup_s)
     try:
         start = None
@@ -112,7 +115,7 @@ def train(
     ahead = cfg.run.max_staleness if cfg.run.mode == "async" else 0
     first = start.step if start else 0
     inflight = deque((s, Ready(r)) for s, r in start.inflight) if start else deque()  # (samples, rollouts)
-    for step in (bar := tqdm(range(first, cfg.run.steps), desc="train", unit="step", initial=first)):
+    for step in (bar := progress(range(first, cfg.run.steps), desc="train", unit="step", initial=first)):
         t0 = time.perf_counter()
         while len(inflight) <= ahead and step + len(inflight) < cfg.run.steps:
             samples = prompts.next_batch(cfg.learner.prompts_per_step)
@@ -145,7 +148,9 @@ def train(
                 log.warning("held-out evaluation at step %d skipped: %s", step, type(err).__name__)
                 pipe.recover_rollout_workers()
         on_step(record)
-        bar.set_postfix(loss=f"{record['loss']:.4g}", valid=f"{record['valid_rate']:.2f}", v=record["version"])
+        bar.set_postfix(
+            loss=f"{record['loss']:.4g}", valid=f"{record['valid_rate']:.2f}", v=record["version"], refresh=False
+        )
         stop = preemption is not None and preemption.requested
         if checkpoints is not None and (stop or step + 1 == cfg.run.steps or checkpoints.due(step + 1)):
             state = DriverState(step + 1, pipe.version, prompts.state_dict(),

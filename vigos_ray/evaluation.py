@@ -240,6 +240,12 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
         learner.shutdown()
 
 
+def report_home(path: Path) -> Path:
+    """Where a command's report about `--model path` goes by default: beside a model folder, inside a run
+    directory or a checkpoint (the folder that `resolve_eval_model` gives is then one level down)."""
+    return path.parent if (path / "config.json").is_file() else path
+
+
 def resolve_eval_model(path: Path) -> tuple[Path, str]:
     """(Hugging Face folder, what it is): a model folder as is, a run directory's `final/`, or a checkpoint
     exported next to itself (`step_N/hf`, reused when present)."""

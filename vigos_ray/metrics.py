@@ -233,3 +233,41 @@ def step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teach
         record[f"tok_per_s/teacher/{name}"] = teacher_tokens.get(name, 0) / max(sec, 1e-9)
     record.update({f"lag/{k}": n for k, n in sorted(lags.items())})
     return record
+
+
+def window_means(records: list[dict]) -> dict[str, float | None]:
+    """Valid rate and accuracy (per rollout) and each segment's KL (per supervised token) over `records`."""
+    rollouts = sum(r["rollouts"] for r in records)
+    out: dict[str, float | None] = {
+        "valid rollouts": sum(r["valid_rate"] * r["rollouts"] for r in records) / rollouts,
+        "batch accuracy": sum(r["accuracy"] * r["rollouts"] for r in records) / rollouts,
+    }
+    for seg in sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith("kl/")}):
+        tokens = sum(r.get(f"tokens/{seg}", 0) for r in records)
+        kl = sum(r.get(f"kl/{seg}", 0.0) * r.get(f"tokens/{seg}", 0) for r in records)
+        out[f"KL {seg} (tokens)"] = (kl / tokens, tokens) if tokens else None
+    return out
+
+
+def run_summary(run_dir: Path, records: list[dict], plot: Path | None) -> str:
+    """What a person reads at the end of a run: the first and last steps side by side, and where things are."""
+    n = max(1, min(5, len(records) // 2))
+    first, last = window_means(records[:n]), window_means(records[-n:])
+
+    def cell(value) -> str:
+        if value is None:
+            return "no tokens"
+        if isinstance(value, tuple):
+            return f"{value[0]:.4f} ({value[1]})"
+        return f"{value:.2f}"
+
+    width = max(len(k) for k in first | last)
+    lines = [f"trained {len(records)} steps; first {n} vs last {n} steps:",
+             f"  {'':{width}}  {f'first {n}':>18}  {f'last {n}':>18}"]  # fmt: skip
+    for key in dict.fromkeys([*first, *last]):
+        lines.append(f"  {key:{width}}  {cell(first.get(key)):>18}  {cell(last.get(key)):>18}")
+    where = {"model": run_dir / "final", "metrics": run_dir / "metrics.jsonl", "checkpoints": run_dir / "checkpoints",
+             "plot": plot, "logs": run_dir / "logs"}  # fmt: skip
+    lines += [f"{name + ':':13}{path}" for name, path in where.items() if path is not None]
+    lines.append(f"{'evaluate:':13}python launch/eval.py --model {run_dir}")
+    return "\n".join(lines)

@@ -208,7 +208,7 @@ def write_model_folder(source: str | Path, weights: dict, out: Path) -> Path:
 def check_teacher_checkpoints(cfg, student) -> None:
     """Each `teachers.<role>.checkpoint` must be a model folder whose tokenizer is `student` (the student's): the
     teachers score the student's token ids, and a different vocabulary would silently score other tokens."""
-    for role, pool in cfg.teachers.pools().items():
+    for role, pool in cfg.teacher_pools().items():
         if not pool.checkpoint:
             continue
         key = f"teachers.{role}.checkpoint"

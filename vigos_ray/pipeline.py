@@ -33,7 +33,8 @@ RESTARTS = 3  # a dead rollout or teacher actor is restarted this many times bef
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, model_path: Path):
+    def __init__(self, cfg: Config, model_path: Path, log_dir: Path | None = None):
+        """`log_dir`: each actor's output goes to `<log_dir>/<actor>.log` (None: through Ray to this process)."""
         self.cfg, self.version = cfg, 0
         self._unconfirmed = None  # (receipts in flight, report) of a push made with wait=False
         t0 = time.perf_counter()
@@ -44,13 +45,13 @@ class Pipeline:
         # A restarted rollout worker is stale, so its calls are not resubmitted blindly: RolloutRequest pushes
         # it the weights first.
         self.rollout = WorkerGroup(RolloutWorker, r.workers, r.num_cpus, r.num_gpus, args, "rollout", timeout, False,
-                                   max_restarts=RESTARTS)  # fmt: skip
+                                   max_restarts=RESTARTS, log_dir=log_dir)  # fmt: skip
         self.teachers = {
-            role: TeacherPool(TeacherWorker, pool, (*args, role), f"teacher-{role}", timeout, RESTARTS)
-            for role, pool in cfg.teachers.pools().items()
+            role: TeacherPool(TeacherWorker, pool, (*args, role), f"teacher-{role}", timeout, RESTARTS, log_dir)
+            for role, pool in cfg.teacher_pools().items()
         }
         self.learner = WorkerGroup(LearnerWorker, lc.workers, lc.num_cpus, lc.num_gpus, args, "learner", timeout,
-                                   False)  # fmt: skip
+                                   False, log_dir=log_dir)  # fmt: skip
         for group in (self.rollout, *self.teachers.values(), self.learner):
             group.ready().result()
         host, port = ray.get(self.learner.actors[0].address.remote(), timeout=timeout)

@@ -1,4 +1,4 @@
-"""Supervised warm start: teach a model the answer format on easy-VQA before on-policy distillation (issue #8).
+"""Supervised warm start: teach a model the answer format on easy-VQA before on-policy distillation.
 
 A ViGOS rollout is only supervised by the perception and reasoning teachers when it is in format; a model that
 never writes `<description>...</description><think>...</think>\\boxed{...}` leaves only the reference teacher. The
@@ -11,21 +11,31 @@ target tokens only.
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from vigos_ray.config import Config
+from vigos_ray.config import Config, ConfigError, to_container
+from vigos_ray.console import progress
 from vigos_ray.data import PromptStream, Sample, read_records
 from vigos_ray.easyvqa import write_easyvqa_jsonl
-from vigos_ray.models import load_model, load_processor, write_model_folder
+from vigos_ray.models import load_model, load_processor, resolve_model_path, write_model_folder
 from vigos_ray.prompts import encode, student_text, teacher_texts
 from vigos_ray.scoring import hidden_at, output_head
 from vigos_ray.types import ScoreRow
 
+log = logging.getLogger(__name__)
 COLOURS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
 SHAPES = {"circle", "rectangle", "triangle"}
 
@@ -114,18 +124,13 @@ def completion_loss(model, rows: list[ScoreRow], vocab: int, budget: int) -> tor
 
 
 def train_sft(
-    cfg: Config,
-    model_path: Path,
-    out: Path,
-    steps: int,
-    batch: int = 8,
-    lr: float = 1e-3,
-    on_step: Callable[[int, float], None] | None = None,
-    train_vision: bool = False,
+    cfg: Config, model_path: Path, out: Path, on_step: Callable[[int, float], None] | None = None
 ) -> Path:
-    """`steps` AdamW steps (cosine decay) on easy-VQA train; writes a Hugging Face folder at `out`.
-    The vision tower (encoder and merger) is kept as it is unless `train_vision`: trained along, the tiny model's
-    tower collapsed to one output for every image."""
+    """`warm_start.steps` AdamW steps (cosine decay) on easy-VQA train; writes a Hugging Face folder at `out`.
+    The vision tower (encoder and merger) is kept as it is unless `warm_start.train_vision`: trained along, the
+    tiny model's tower collapsed to one output for every image."""
+    w = cfg.warm_start
+    steps, batch, lr, train_vision = w.steps, w.batch, w.lr, w.train_vision
     torch.manual_seed(cfg.run.seed)
     processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
     records = read_records(write_easyvqa_jsonl(Path(cfg.run.cache_dir) / "data", "train"))
@@ -154,3 +159,69 @@ def train_sft(
             on_step(step, float(loss.detach()))
     weights = {name: p.detach() for name, p in model.named_parameters()}
     return write_model_folder(model_path, weights, out)
+
+
+def settings(cfg: Config, base_model: Path) -> dict:
+    """Everything a warm start's weights depend on: a folder trained with other settings is not reused."""
+    return {"base_model": str(base_model), "seed": cfg.run.seed, **to_container(cfg.warm_start),
+            "prompts": to_container(cfg.prompts), "rea_teacher_sees_description": cfg.loss.rea_teacher_sees_description,
+            "pixels": [cfg.model.min_pixels, cfg.model.max_pixels]}  # fmt: skip
+
+
+def warm_start(cfg: Config, base_model: Path, out: Path, on_step: Callable[[int, float], None] | None = None) -> Path:
+    """The warm start of `base_model` at `out`, trained once (process-safe): a folder whose recorded settings match
+    is reused. With `warm_start.steps=0` the base model itself is the start (a model that already answers in
+    format). `out/warm_start.json` records the settings and the loss curve's first and last values."""
+    if cfg.warm_start.steps == 0:
+        return base_model
+    if cfg.data.source != "easyvqa":
+        raise ConfigError(
+            "warm_start.steps > 0 trains on targets built from easy-VQA's labels, but data.source is "
+            f"{cfg.data.source!r}; set warm_start.steps=0 to start from model.path as it is"
+        )
+    wanted = settings(cfg, base_model)
+    marker = out / "warm_start.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process building the same folder waits for the first
+        if marker.is_file() and json.loads(marker.read_text())["settings"] == wanted:
+            log.debug("warm start already trained: %s", out)
+            return out
+        log.info("warm start: %d supervised steps on easy-VQA train, once, into %s", cfg.warm_start.steps, out)
+        losses: list[float] = []
+        bar = progress(total=cfg.warm_start.steps, desc="warm start", unit="step")
+
+        def record(step: int, loss: float) -> None:
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if on_step is not None:
+                on_step(step, loss)
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:  # written aside and renamed: a killed build never looks finished
+            train_sft(cfg, base_model, tmp, record)
+            (tmp / "warm_start.json").write_text(json.dumps({"settings": wanted, "loss_first": losses[:10],
+                                                            "loss_last": losses[-10:]}))  # fmt: skip
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            bar.close()
+    return out
+
+
+def initial_model(cfg: Config, on_step: Callable[[int, float], None] | None = None) -> Path:
+    """The folder the student (and the self-distillation teachers) start from: `model.path`, or the tiny model
+    built into `run.cache_dir` and, with `model.tiny_warm_start`, its warm start cached beside it (a random tiny
+    model never writes the format, so only the reference teacher would have tokens to score)."""
+    base = resolve_model_path(cfg.model, cfg.run.cache_dir, seed=cfg.run.seed).resolve()
+    if cfg.model.path or not cfg.model.tiny_warm_start:
+        return base
+    key = hashlib.sha256(json.dumps(settings(cfg, base), sort_keys=True).encode()).hexdigest()[:8]
+    return warm_start(cfg, base, base.parent / f"{base.name}-warm-{key}", on_step)
+
+
+def base_config(cfg: Config) -> Config:
+    """`cfg` with the tiny model's warm start off: the model a warm start is trained from."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tiny_warm_start=False))

@@ -1,4 +1,4 @@
-"""The reproduction study of issue #8: warm start -> ViGOS vs OPSD vs no training -> one evaluation of every arm.
+"""The CPU reproduction study: warm start -> ViGOS vs OPSD vs no training -> one evaluation of every arm.
 
 Order of work, all under one output folder (`<run.output_dir>/<run.name>`):
   warm_start/            the supervised warm start (vigos_ray/sft.py) every arm starts from
@@ -84,31 +84,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
             out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
-    return out
-
-
-def warm_start(cfg: Config, base_model: Path, out: Path, on_step: Callable[[int, float], None] | None = None) -> Path:
-    """The warm-start folder, trained once: a folder whose recorded settings match is reused. With
-    `study.warm_start_steps=0` the base model itself is the start (a model that already answers in format)."""
-    from vigos_ray.sft import train_sft
-
-    s = cfg.study
-    if s.warm_start_steps == 0:
-        return base_model
-    if cfg.data.source != "easyvqa":
-        raise ConfigError(
-            "study.warm_start_steps > 0 trains on targets built from easy-VQA's labels, but data.source is "
-            f"{cfg.data.source!r}; set study.warm_start_steps=0 to start from model.path as it is"
-        )
-    settings = {"base_model": str(base_model), "seed": cfg.run.seed, "steps": s.warm_start_steps,
-                "batch": s.warm_start_batch, "lr": s.warm_start_lr, "vision": s.warm_start_vision}  # fmt: skip
-    marker = out / "warm_start.json"
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
-        log.info("warm start already trained: %s", out)
-        return out
-    train_sft(cfg, base_model, out, s.warm_start_steps, s.warm_start_batch, s.warm_start_lr, on_step,
-              train_vision=s.warm_start_vision)  # fmt: skip
-    marker.write_text(json.dumps(settings))
     return out
 
 

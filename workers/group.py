@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -72,18 +73,35 @@ def wait_all(pending: dict[str, Pending]) -> tuple[dict[str, list], dict[str, fl
     return {name: p.result() for name, p in pending.items()}, done_at
 
 
+def logged(cls: type, log_dir: Path | None, prefix: str) -> type:
+    """`cls` whose Ray actors write their output to `log_dir/<prefix>-<worker_index>.log` and forward our warnings to
+    the driver's terminal (vigos_ray.console.actor_output); `cls` itself where there is no log folder (tests)."""
+    if log_dir is None:
+        return cls
+
+    def __init__(self, *args, worker_index: int = 0, **kwargs):
+        from vigos_ray.console import actor_output
+
+        actor_output(log_dir, f"{prefix}-{worker_index}")
+        cls.__init__(self, *args, worker_index=worker_index, **kwargs)
+
+    # the same name, so Ray's process titles (ray::LearnerWorker) and error messages read as before
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__qualname__": cls.__qualname__})
+
+
 class WorkerGroup:
     """`call_all` runs a method on every actor; `scatter` splits a list across them and joins the results in order."""
 
     def __init__(self, cls: type, n: int, num_cpus: float, num_gpus: float, args: tuple = (), name: str = "",
                  timeout_s: float = 600.0, wait: bool = True, max_restarts: int = 0,
-                 max_task_retries: int = 0):  # fmt: skip
+                 max_task_retries: int = 0, log_dir: Path | None = None):  # fmt: skip
         """`max_restarts`: Ray restarts a dead actor (re-running its constructor) up to this many times;
-        `max_task_retries`: calls that were running on it are resubmitted to the restarted actor."""
+        `max_task_retries`: calls that were running on it are resubmitted to the restarted actor; `log_dir`: where
+        each actor's output goes (`<name>-<i>.log`)."""
         import ray
 
         remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                                max_task_retries=max_task_retries)(cls)  # fmt: skip
+                                max_task_retries=max_task_retries)(logged(cls, log_dir, name))  # fmt: skip
         self.timeout_s = timeout_s
         self.actors = [
             remote_cls.options(name=f"{name}-{i}" if name else None).remote(*args, worker_index=i) for i in range(n)

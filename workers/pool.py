@@ -11,22 +11,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from vigos_ray.config import TeacherPoolConfig
-from workers.group import Pending, scatter
+from workers.group import Pending, logged, scatter
 
 log = logging.getLogger(__name__)
 
 
 class TeacherPool:
     def __init__(self, cls: type, cfg: TeacherPoolConfig, args: tuple, name: str, timeout_s: float = 600.0,
-                 restarts: int = 3):  # fmt: skip
+                 restarts: int = 3, log_dir: Path | None = None):  # fmt: skip
         self.cfg, self.args, self.name, self.timeout_s = cfg, args, name, timeout_s
         self.remote_cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=restarts,
-                                     max_task_retries=restarts)(cls)  # fmt: skip
+                                     max_task_retries=restarts)(logged(cls, log_dir, name))  # fmt: skip
         self.actors: list = []  # serving
         self.starting: dict = {}  # ready-ref -> (actor, time it was asked for)
         self._next_index = 0

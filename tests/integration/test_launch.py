@@ -1,5 +1,6 @@
-"""`python launch/run.py` under `ray job submit`, its config errors, and the resource check. (Run directly, as a
-newcomer runs it, it is exercised by tests/integration/test_recovery.py: stopped, restarted, finished.)"""
+"""`python launch/run.py` under `ray job submit`, its config errors, `--print-config`, and the resource check. (Run
+directly, as a newcomer runs it, it is exercised by tests/integration/test_recovery.py: stopped, restarted,
+finished.) Errors that come before any cluster starts are checked by calling `main` in this process."""
 
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.run import main as run_main
 from vigos_ray.cluster import ResourceError, check_ray_resources
 from vigos_ray.config import load_config
 
@@ -37,7 +39,8 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_started_on_loopback(tmp_path
     try:
         entry = (f"cd {REPO} && {sys.executable} launch/run.py run.steps=2 run.output_dir={tmp_path}/runs "
                  f"model.path={tiny_fast} run.cache_dir={tmp_path}/cache learner.prompts_per_step=2 "
-                 "rollout.max_new_tokens=12 run.mode=async weight_sync.transport=object_store")  # fmt: skip
+                 "rollout.max_new_tokens=12 run.mode=async weight_sync.transport=object_store "
+                 "loss.objective=opsd learner.workers=1")  # fmt: skip
         submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", "bash", "-c", entry]
         for _ in range(30):  # the dashboard's job server comes up a few seconds after the head
             proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
@@ -53,11 +56,30 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_started_on_loopback(tmp_path
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_run_py_rejects_a_bad_key_before_starting_anything(tmp_path):
-    proc = subprocess.run([sys.executable, "launch/run.py", "rollout.temprature=1.0"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2
-    assert "Did you mean 'rollout.temperature'" in proc.stderr and "Traceback" not in proc.stderr
+def test_run_py_rejects_a_bad_key_before_starting_anything(capfd):
+    assert run_main(["rollout.temprature=1.0"]) == 2
+    err = capfd.readouterr().err
+    assert "Did you mean 'rollout.temperature'" in err and "Traceback" not in err
+
+
+def test_print_config_shows_the_resolved_values_and_loads_again(tmp_path, capfd):
+    config = tmp_path / "c.yaml"
+    config.write_text("learner:\n  lr: 3.0e-4\n")
+    assert run_main(["--config", str(config), "--print-config", "rollout.workers=3"]) == 0
+    printed = capfd.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed)
+    cfg = load_config(tmp_path / "printed.yaml")
+    assert cfg.learner.lr == 3e-4 and cfg.rollout.workers == 3
+    assert cfg.warm_start.steps == load_config().warm_start.steps
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_help_says_how_overrides_work_and_where_every_key_is_documented():
+    proc = subprocess.run([sys.executable, "launch/run.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "key=value" in text and "vigos_ray/config.py" in text and "--print-config" in text
 
 
 def test_gpu_request_is_checked_against_the_live_cluster(ray_cluster):
@@ -86,13 +108,16 @@ BAD_MODELS = {  # case -> (overrides given tmp_path, student and other-vocabular
 
 @pytest.mark.parametrize("case", sorted(BAD_MODELS))
 def test_run_py_names_a_bad_model_or_teacher_folder_before_any_actor_starts(tmp_path, tiny_fast, tiny_qwen_vocab,
-                                                                            case):  # fmt: skip
+                                                                            case, capfd):  # fmt: skip
+    import ray
+
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     overrides, message = BAD_MODELS[case]
-    cmd = [sys.executable, "launch/run.py", f"run.output_dir={tmp_path}/runs", f"run.cache_dir={tmp_path}/cache",
-           *overrides(tmp_path, tiny_fast, tiny_qwen_vocab)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert message in proc.stderr.splitlines()[-1], proc.stderr[-3000:]
-    assert "Started a local Ray instance" not in proc.stderr  # refused before a cluster (or an actor) started
+    joined = ray.is_initialized()
+    code = run_main([f"run.output_dir={tmp_path}/runs", f"run.cache_dir={tmp_path}/cache",
+                     *overrides(tmp_path, tiny_fast, tiny_qwen_vocab)])  # fmt: skip
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert message in err.splitlines()[-1], err[-3000:]
+    assert ray.is_initialized() == joined  # refused before a cluster (or an actor) started

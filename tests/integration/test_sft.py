@@ -3,12 +3,14 @@ more probability on the format than the model it started from."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from vigos_ray.config import load_config
 from vigos_ray.models import load_model, load_processor
-from vigos_ray.sft import CONTEXTS, completion_loss, easyvqa_labels, sft_rows, target_text, train_sft
+from vigos_ray.sft import CONTEXTS, completion_loss, easyvqa_labels, sft_rows, target_text
 
 pytestmark = pytest.mark.integration
 
@@ -22,15 +24,22 @@ def test_labels_come_from_each_images_colour_and_shape_answers():
     assert len(labels) == len(paths) and all(colour and shape for colour, shape in labels.values())
 
 
-def test_warm_start_lowers_the_loss_and_the_export_prefers_the_format(tmp_path, tiny_fast, cache_dir):
+def test_the_default_warm_start_lowers_the_loss_and_prefers_the_format_on_held_out_items(tiny_warm, tiny_fast,
+                                                                                          cache_dir):  # fmt: skip
+    """The default student (`model.tiny_warm_start`): the tiny model's warm start, trained once into the cache."""
     from vigos_ray.data import PromptStream, read_records
     from vigos_ray.easyvqa import write_easyvqa_jsonl
+    from vigos_ray.sft import initial_model
 
-    cfg = load_config(overrides=[f"model.path={tiny_fast}", f"run.cache_dir={cache_dir}", "model.max_pixels=12544"])
-    losses = []
-    folder = train_sft(cfg, tiny_fast, tmp_path / "sft", steps=40, batch=4, lr=3e-3,
-                       on_step=lambda step, loss: losses.append(loss))  # fmt: skip
-    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    cfg = load_config(overrides=[f"run.cache_dir={cache_dir}", "model.max_pixels=12544"])
+    record = json.loads((tiny_warm / "warm_start.json").read_text())
+    losses_first, losses_last = record["loss_first"], record["loss_last"]
+    assert sum(losses_last) / len(losses_last) < 0.5 * sum(losses_first) / len(losses_first)
+    assert record["settings"]["steps"] == cfg.warm_start.steps and tiny_warm.name.startswith(tiny_fast.name)
+    assert initial_model(load_config(overrides=[f"run.cache_dir={cache_dir}"])) == tiny_warm  # built once, reused
+    other = load_config(overrides=[f"run.cache_dir={cache_dir}", "warm_start.lr=1e-3", "warm_start.steps=1"])
+    assert initial_model(other) != tiny_warm  # other settings never reuse that folder
+    folder = tiny_warm
 
     # held-out items (the test split): the exported model's loss on the format targets is far below the start's
     processor = load_processor(folder, cfg.model.min_pixels, cfg.model.max_pixels)

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_short_study_warm_start_is_in_format_and_training_changes_the_model(tmp_path, cache_dir):
     overrides = [f"run.output_dir={tmp_path}", f"run.cache_dir={cache_dir}", "run.name=short", "run.steps=6",
-                 "study.seeds=[0]", "study.warm_start_steps=300", "study.palr_items=8", "eval.limit=16",
+                 "study.seeds=[0]", "warm_start.steps=300", "study.palr_items=8", "eval.limit=16",
                  "eval.every_steps=3", "eval.during_train_items=4", "learner.prompts_per_step=4"]  # fmt: skip
     proc = subprocess.run([sys.executable, "launch/study.py", *overrides], cwd=REPO, capture_output=True, text=True,
                           timeout=1200)  # fmt: skip

@@ -109,3 +109,17 @@ def test_paper_layout_fits_an_eight_gpu_node():
     check_cluster_resources(cfg, node, [node])  # 2 rollout + 3 teachers + 3 learner ranks = 8 GPUs
     with pytest.raises(ResourceError, match="asks for 8 GPUs"):
         check_cluster_resources(cfg, {"CPU": 64.0, "GPU": 7.0}, [{"CPU": 64.0, "GPU": 7.0}])
+
+
+@pytest.mark.parametrize("objective", ["vigos", "opsd", "distill"])
+def test_a_run_starts_the_teacher_pools_its_objective_scores_with_and_asks_resources_for_those_only(objective):
+    from vigos_ray.objective import segments
+
+    extra = ["teachers.reference.checkpoint=/models/t"] if objective == "distill" else []
+    cfg = load_config(overrides=[f"loss.objective={objective}", "teachers.perception.num_gpus=1",
+                                 "teachers.reasoning.num_gpus=1", "teachers.reference.num_gpus=1", *extra])  # fmt: skip
+    assert set(cfg.teacher_pools()) == {seg.teacher for seg in segments(cfg.loss)}
+    gpus = len(cfg.teacher_pools())
+    with pytest.raises(ResourceError, match=rf"asks for {gpus} GPUs"):
+        check_cluster_resources(cfg, {"CPU": 64.0, "GPU": gpus - 0.5}, [{"CPU": 64.0, "GPU": 8.0}])
+    check_cluster_resources(cfg, {"CPU": 64.0, "GPU": float(gpus)}, [{"CPU": 64.0, "GPU": 8.0}])

@@ -79,10 +79,10 @@ def test_a_study_folder_resumes_with_its_own_settings_and_refuses_others(tmp_pat
 
 
 def test_without_warm_start_steps_the_base_model_is_the_start_and_other_data_needs_that(tmp_path):
-    from vigos_ray.study import warm_start
+    from vigos_ray.sft import warm_start
 
     base = tmp_path / "base"
-    assert warm_start(study_config("study.warm_start_steps=0"), base, tmp_path / "warm") == base
+    assert warm_start(study_config("warm_start.steps=0"), base, tmp_path / "warm") == base
     files = study_config("data.source=files", f"data.train_files=[{tmp_path / 'train.jsonl'}]")
-    with pytest.raises(ConfigError, match=r"easy-VQA's labels.*set study.warm_start_steps=0"):
+    with pytest.raises(ConfigError, match=r"easy-VQA's labels.*set warm_start.steps=0"):
         warm_start(files, base, tmp_path / "warm")
