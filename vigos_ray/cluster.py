@@ -55,6 +55,34 @@ def check_cluster_resources(cfg: Config, total: dict[str, float], per_node: list
                 )
 
 
+def stage_threads(cfg: Config, stage: str, cores: int) -> int:
+    """torch threads for one CPU actor of `stage` ("rollout", "teachers", "learner") on a node with `cores`.
+
+    `run.cpu_threads`, else the cores shared among the actors busy at the same time: in sync mode one stage runs
+    at a time (sampling, then scoring by every pool at once, then training on every rank), so its actors share all
+    cores; in async mode sampling runs beside scoring or training, so each side's actors count together."""
+    if cfg.run.cpu_threads:
+        return cfg.run.cpu_threads
+    count = {"rollout": 0, "teachers": 0, "learner": 0}
+    for d in demands(cfg):
+        count[d.key.partition(".")[0]] += d.count
+    busy = count[stage]
+    if cfg.run.mode == "async":
+        busy += max(count["teachers"], count["learner"]) if stage == "rollout" else count["rollout"]
+    return max(1, cores // max(busy, 1))
+
+
+def use_cpu_threads(cfg: Config, stage: str, on_gpu: bool) -> int:
+    """Set this actor's torch threads (call first in its constructor, before an engine starts); returns them."""
+    import torch
+
+    if not on_gpu:
+        threads = stage_threads(cfg, stage, len(os.sched_getaffinity(0)))
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for libraries that read it later
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def cpus_needed(cfg: Config) -> float:
     return sum(d.count * d.cpus for d in demands(cfg))
 

@@ -287,6 +287,9 @@ class WeightSyncConfig:
     transport: Literal["collective", "object_store"] = "collective"
     bucket_mb: int = 256  # tensors are packed into buckets of about this size
     timeout_s: float = 600.0  # a push that takes longer raises instead of hanging
+    # After the first full push, send only the parts of the model that training changes (with LoRA: the adapted
+    # blocks, not the embeddings or the output head). A new or restarted rollout worker still gets everything.
+    delta: bool = True
 
     def __post_init__(self) -> None:
         _require(self.bucket_mb >= 1, "weight_sync.bucket_mb", f"must be >= 1 (got {self.bucket_mb})")
@@ -324,6 +327,10 @@ class RunConfig:
     steps: int = 20
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = 1
+    # torch threads of each CPU actor (rollout, teacher, learner). 0 = auto: the node's cores shared among the actors
+    # that compute at the same time (sync: one stage at a time; async: sampling beside scoring or training). Ray
+    # would give each actor one thread (`OMP_NUM_THREADS=1` for `num_cpus=1`). GPU actors keep Ray's setting.
+    cpu_threads: int = 0
     # Ray cluster to join; empty starts a local one on loopback (or joins the job's cluster under `ray job submit`).
     ray_address: str = ""
 
@@ -332,6 +339,7 @@ class RunConfig:
         _require("/" not in self.name, "run.name", f"must not contain '/' (got {self.name!r})")
         _require(self.steps >= 1, "run.steps", f"must be >= 1 (got {self.steps})")
         _require(self.max_staleness >= 0, "run.max_staleness", f"must be >= 0 (got {self.max_staleness})")
+        _require(self.cpu_threads >= 0, "run.cpu_threads", f"must be >= 0, 0 = auto (got {self.cpu_threads})")
         if self.mode == "sync":
             _require(self.max_staleness <= 1, "run.max_staleness", "has no effect in run.mode=sync; leave it at 0 or 1")
 

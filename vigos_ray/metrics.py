@@ -222,6 +222,7 @@ def step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teach
         "push/seconds": push.seconds,
         "push/bytes": push.bytes,
         "push/gbps": push.gbps,
+        "push/full": int(push.full),  # 0: a delta push (only the parts training changes)
         "tok_per_s/learner": learner_tokens / max(stages["learner"], 1e-9),
     }
     for name, s in merge_segments(ranks).items():

@@ -8,6 +8,7 @@ no rollout worker ever samples from weights the learner did not send.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from vigos_ray.weight_sync import PushGroupError, PushReport, WeightSyncError
 from workers.group import Pending, WorkerGroup, wait_all
 from workers.learner import LearnerWorker
 from workers.pool import TeacherPool
-from workers.rollout import RolloutWorker, StaleWeightsError
+from workers.rollout import FullPushNeeded, RolloutWorker, StaleWeightsError
 from workers.teacher import TeacherWorker
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class Pipeline:
         self._check_teacher_heads()
         self._open_sync_group()
         self.specs = ray.get(self.learner.actors[0].weight_specs.remote(), timeout=timeout)
+        self.delta_specs = ray.get(self.learner.actors[0].weight_specs.remote(changing_only=True), timeout=timeout)
+        self._full_next = True  # the next push sends every tensor (the first; after a rollout worker restarted)
         self.startup_s = time.perf_counter() - t0
         self.push_weights()  # version 0: the initial weights, sent like every later version
 
@@ -101,6 +104,7 @@ class Pipeline:
         self._unconfirmed = None  # superseded: the push below reaches every worker and is checked
         self.rollout.wait_restarted()
         self._open_sync_group()
+        self._full_next = True
         self.push_weights()
 
     def score(self, plan: BatchPlan) -> tuple[dict[str, list], dict[str, float]]:
@@ -139,13 +143,14 @@ class Pipeline:
         for attempt in range(RESTARTS + 1):
             try:
                 return self._push_once(wait)
-            except (RayActorError, PushGroupError) as err:
+            except (RayActorError, PushGroupError, FullPushNeeded) as err:
                 if attempt == RESTARTS:
                     raise
-                log.warning("weight push %d failed (%s); re-forming the push group and pushing again",
+                log.warning("weight push %d failed (%s); re-forming the push group and pushing every tensor",
                             self.version, str(err).strip().splitlines()[-1])  # fmt: skip
                 self.rollout.wait_restarted()
                 self._open_sync_group()
+                self._full_next = True
         raise AssertionError("unreachable")
 
     def settle(self) -> list[dict]:
@@ -165,32 +170,35 @@ class Pipeline:
         return receipts
 
     def _check_receipts(self, report: PushReport, receipts: list[dict]) -> None:
+        """Each worker got this push intact and now holds exactly the tensors the learner has sent it."""
         for receipt in receipts:
-            if receipt["checksum"] != report.checksum or receipt["version"] != report.version:
+            if (receipt["checksum"], receipt["state"], receipt["version"]) != (report.checksum, report.state,
+                                                                               report.version):  # fmt: skip
                 raise WeightSyncError(f"rollout worker {receipt['worker']} holds {receipt}, learner sent {report}")
 
     def _push_once(self, wait: bool = True) -> tuple[PushReport, list[dict]]:
         ws = self.cfg.weight_sync
         bucket = ws.bucket_mb * 2**20
+        full = self._full_next or not ws.delta
+        specs = self.specs if full else self.delta_specs
         t0 = time.perf_counter()
-        sent = self.learner.call_all_async("push_weights", self.specs, ws.transport, bucket)
+        sent = self.learner.call_all_async("push_weights", specs, ws.transport, bucket, full)
         if ws.transport == "collective":
-            got = self.rollout.call_all_async("receive_weights", self.version, self.specs, ws.transport, bucket)
+            got = self.rollout.call_all_async("receive_weights", self.version, specs, ws.transport, bucket,
+                                              full=full)  # fmt: skip
             report, _ = sent.result()[0]
             receipts = got.result()
         else:
             report, refs = sent.result()[0]
-            got = self.rollout.call_all_async("receive_weights", self.version, self.specs, ws.transport, bucket,
-                                              refs=refs, expected=report.checksum)  # fmt: skip
+            got = self.rollout.call_all_async("receive_weights", self.version, specs, ws.transport, bucket,
+                                              refs=refs, expected=report.checksum, full=full)  # fmt: skip
             if not wait:
-                self._unconfirmed = (got, report)
-                seconds = time.perf_counter() - t0
-                return PushReport(report.version, report.bytes, seconds, report.checksum, report.transport), []
+                self._unconfirmed, self._full_next = (got, report), False
+                return dataclasses.replace(report, seconds=time.perf_counter() - t0), []
             receipts = got.result()
         self._check_receipts(report, receipts)
-        seconds = time.perf_counter() - t0
-        report = PushReport(report.version, report.bytes, seconds, report.checksum, report.transport)
-        return report, receipts
+        self._full_next = False
+        return dataclasses.replace(report, seconds=time.perf_counter() - t0), receipts
 
     def critical_nodes(self) -> set[str]:
         """Ray nodes whose loss ends the run: the learner ranks' and the driver's (rollout and teacher actors are
@@ -205,6 +213,7 @@ class Pipeline:
         """Load the learner's state from a checkpoint and push those weights to every rollout worker."""
         versions = set(self.learner.call_all("load_state", str(path)))
         self.version = versions.pop()
+        self._full_next = True
         self.push_weights()
 
     def export(self, path: Path) -> Path:

@@ -127,8 +127,10 @@ def _padded_vocab(n: int) -> int:
     return (n + 64 + 127) // 128 * 128
 
 
-def build_tiny_model(out_dir: str | Path, kind: TinyKind = "fast", seed: int = 0, hidden: int = 64) -> Path:
-    """Write a tiny Qwen2.5-VL folder (random weights from `seed`) to `out_dir`; returns the path."""
+def build_tiny_model(
+    out_dir: str | Path, kind: TinyKind = "fast", seed: int = 0, hidden: int = 64, layers: int = 2
+) -> Path:
+    """Write a tiny Qwen2.5-VL folder (random weights from `seed`, `layers` text layers) to `out_dir`."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -142,7 +144,7 @@ def build_tiny_model(out_dir: str | Path, kind: TinyKind = "fast", seed: int = 0
         vocab_size=_padded_vocab(len(tokenizer)),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=hidden // head_dim,
         num_key_value_heads=1,
         max_position_embeddings=4096,
@@ -190,7 +192,8 @@ def build_tiny_model(out_dir: str | Path, kind: TinyKind = "fast", seed: int = 0
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
-    (out_dir / "vigos_tiny.json").write_text(json.dumps({"kind": kind, "seed": seed, "hidden": hidden}))
+    meta = {"kind": kind, "seed": seed, "hidden": hidden, "layers": layers}
+    (out_dir / "vigos_tiny.json").write_text(json.dumps(meta))
     return out_dir
 
 

@@ -8,6 +8,12 @@ the rollout dtype) and packs them into byte buckets. Transports:
 - `object_store`: each bucket is put once into Ray's object store; rollout workers fetch the references.
 Receivers hash what arrived and the driver compares it with what was sent; a mismatch fails the step loudly and
 leaves the rollout worker stale (it refuses to sample) instead of sampling from corrupted weights.
+
+A push is `full` (every tensor) or a delta: only the load units (`load_unit`) that hold a tensor the learner trains.
+With LoRA the embeddings, the output head and every other frozen part never change, so after the first full push
+of a lineage they stay in the engine. Every tensor is hashed on its own, so both ends can also digest the whole
+state they hold (`state_digest`): the driver checks that each engine holds exactly what the learner last sent,
+deltas included, not only that the last push arrived intact.
 """
 
 from __future__ import annotations
@@ -48,8 +54,10 @@ class PushReport:
     version: int
     bytes: int
     seconds: float
-    checksum: str
+    checksum: str  # digest of the tensors this push carried
     transport: str
+    state: str = ""  # digest of every tensor the receivers should now hold (`state_digest`)
+    full: bool = True  # every tensor, or only the units that can change
 
     @property
     def gbps(self) -> float:
@@ -80,6 +88,33 @@ def merged_weights(named: Iterable[tuple[str, torch.Tensor]], lora_scaling: floa
             yield name, t
     if base or lora_a:
         raise ValueError(f"LoRA layers without both adapters: {sorted(set(base) | set(lora_a))[:3]}")
+
+
+def merged_name(name: str) -> str:
+    """The pushed (Hugging Face) name a student parameter ends up in: peft's LoRA parts name their base weight."""
+    if ".base_layer." in name:
+        return name.replace(".base_layer.", ".")
+    for part in (".lora_A.", ".lora_B."):
+        if part in name:
+            return name.partition(part)[0] + ".weight"
+    return name
+
+
+def load_unit(name: str) -> str:
+    """The part of the model a tensor is reloaded with: the numbered block it lives in (`...layers.3`), else its
+    module. An engine fuses tensors into one kernel only within such a unit (q/k/v with their biases, gate/up), and
+    reloads a fused layer correctly only from all of its parts, so a delta push sends whole units."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name.rpartition(".")[0]
+
+
+def changing_specs(specs: Sequence[TensorSpec], trained: Iterable[str]) -> list[TensorSpec]:
+    """The specs of a delta push: every tensor of each load unit that holds a `trained` (pushed) name."""
+    units = {load_unit(name) for name in trained}
+    return [spec for spec in specs if load_unit(spec.name) in units]
 
 
 def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[list[int]]:
@@ -116,18 +151,35 @@ class PushGroupError(WeightSyncError):
     """The weight-push group broke mid-push (a member died or timed out); re-form the group and push again."""
 
 
-class Checksum:
-    """BLAKE2b over the bytes of every bucket in order: sender and receivers must agree exactly."""
+class Digests:
+    """BLAKE2b of every tensor's bytes, by name, in the order they were added; sender and receivers must agree."""
 
     def __init__(self):
-        self._h = hashlib.blake2b(digest_size=16)
+        self.by_name: dict[str, str] = {}
 
-    def update(self, buffer: torch.Tensor) -> None:
-        if buffer.numel():  # hashed in place (no copy); hashlib releases the GIL on large buffers
-            self._h.update(memoryview(buffer.numpy()))
+    def add(self, bucket: torch.Tensor, specs: Sequence[TensorSpec]) -> None:
+        """Hash each tensor packed in `bucket` (in `specs` order), in place: no copy, and hashlib releases the GIL
+        on large buffers, so a helper thread hashes while the next bucket is packed or on the wire."""
+        data, offset = memoryview(bucket.numpy()), 0
+        for spec in specs:
+            self.by_name[spec.name] = hashlib.blake2b(data[offset : offset + spec.nbytes], digest_size=16).hexdigest()
+            offset += spec.nbytes
 
     def hexdigest(self) -> str:
-        return self._h.hexdigest()
+        """One digest over the tensors added, in order: what a push carried."""
+        return combine(self.by_name.items())
+
+
+def combine(digests: Iterable[tuple[str, str]]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, digest in digests:
+        h.update(f"{name}={digest};".encode())
+    return h.hexdigest()
+
+
+def state_digest(held: dict[str, str]) -> str:
+    """One digest over every tensor held (name order): equal on two ends iff they hold the same bytes per name."""
+    return combine(sorted(held.items()))
 
 
 def free_port(host: str) -> int:
@@ -195,13 +247,13 @@ def send(
     bucket_bytes: int,
     transport: str,
     group=None,
-) -> tuple[str, int, list]:
-    """Send `weights` (in `specs` order) bucket by bucket; returns (checksum, bytes, object refs or []).
+) -> tuple[Digests, int, list]:
+    """Send `weights` (in `specs` order) bucket by bucket; returns (per-tensor digests, bytes, object refs or []).
 
     Pipelined: bucket k+1 is cast and packed while bucket k is on the wire, and a helper thread hashes each bucket
     once it is packed, so the wire, the packing and the hashing overlap. Each tensor is copied into its bucket as
     soon as it is yielded, so `weights` may hand out memory it reuses right after (an FSDP unit's gathered view)."""
-    checksum, total, refs = Checksum(), 0, []
+    digests, total, refs = Digests(), 0, []
     with ThreadPoolExecutor(1) as hasher:  # one thread: buckets are hashed in order
         hashed, wait = [], None
         for bucket in plan_buckets(specs, bucket_bytes):
@@ -214,7 +266,7 @@ def send(
                     raise RuntimeError(f"weight {name} {tuple(t.shape)} does not match the announced {spec}")
                 copy_cast(buffer, offset, t, spec)
                 offset += spec.nbytes
-            hashed.append(hasher.submit(checksum.update, buffer))
+            hashed.append(hasher.submit(digests.add, buffer, [specs[i] for i in bucket]))
             total += buffer.numel()
             if transport == "collective":
                 if wait is not None:
@@ -228,10 +280,9 @@ def send(
             wait()
         for h in hashed:
             h.result()
-    digest = checksum.hexdigest()
     if transport == "collective":  # receivers verify before they apply anything
-        group.broadcast(torch.frombuffer(bytearray.fromhex(digest), dtype=torch.uint8))
-    return digest, total, refs
+        group.broadcast(torch.frombuffer(bytearray.fromhex(digests.hexdigest()), dtype=torch.uint8))
+    return digests, total, refs
 
 
 def copy_cast(buffer: torch.Tensor, offset: int, t: torch.Tensor, spec: TensorSpec) -> None:
@@ -245,8 +296,9 @@ def copy_cast(buffer: torch.Tensor, offset: int, t: torch.Tensor, spec: TensorSp
 
 def receive(specs: Sequence[TensorSpec], bucket_bytes: int, transport: str, group=None, refs=(), expected: str = ""):
     """Every bucket of a push, verified against the sender's checksum (broadcast last in `collective`, passed as
-    `expected` with `object_store`); returns ([(name, tensor)], checksum, bytes) or raises WeightSyncError."""
-    checksum, total, named = Checksum(), 0, []
+    `expected` with `object_store`); returns ([(name, tensor)], per-tensor digests, bytes) or raises
+    WeightSyncError."""
+    digests, total, named = Digests(), 0, []
     buckets = [[specs[i] for i in bucket] for bucket in plan_buckets(specs, bucket_bytes)]
     if transport == "collective":  # every receive is posted at once (the whole push is held until verified anyway)
         buffers = [torch.empty(sum(s.nbytes for s in b), dtype=torch.uint8) for b in buckets]
@@ -263,7 +315,7 @@ def receive(specs: Sequence[TensorSpec], bucket_bytes: int, transport: str, grou
                 import ray
 
                 buffer = ray.get(refs[k])
-            hashed.append(hasher.submit(checksum.update, buffer))
+            hashed.append(hasher.submit(digests.add, buffer, bucket_specs))
             total += buffer.numel()
             named += [(s.name, t) for s, t in zip(bucket_specs, unpack(buffer, bucket_specs), strict=True)]
         for h in hashed:
@@ -271,7 +323,7 @@ def receive(specs: Sequence[TensorSpec], bucket_bytes: int, transport: str, grou
     if transport == "collective":
         waits[-1]()
         expected = bytes(digest.tolist()).hex()
-    arrived = checksum.hexdigest()
+    arrived = digests.hexdigest()
     if arrived != expected:
         raise WeightSyncError(f"weights arrived with checksum {arrived}, sender sent {expected}; not applied")
-    return named, arrived, total
+    return named, digests, total

@@ -21,6 +21,7 @@ from torch import nn
 
 from vigos_ray import weight_sync
 from vigos_ray.batching import MicroBatch, TrainBatch
+from vigos_ray.cluster import use_cpu_threads
 from vigos_ray.config import Config
 from vigos_ray.models import (
     load_model,
@@ -69,8 +70,10 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 class LearnerWorker:
     def __init__(self, cfg: Config, model_path: str | Path, worker_index: int = 0):
         self.cfg, self.model_path, self.rank = cfg, str(model_path), worker_index
+        self.threads = use_cpu_threads(cfg, "learner", cfg.learner.num_gpus > 0)
         self.version = 0
         self.sync = None  # the weight-push group (rank 0 only)
+        self.sent: dict[str, str] = {}  # digest of every tensor the rollout workers should hold (rank 0 only)
         self.device = torch.device("cuda" if cfg.learner.num_gpus > 0 else "cpu")
         tokenizer = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
         self.vocab_size, self.pad_id = len(tokenizer), tokenizer.pad_token_id or 0
@@ -216,56 +219,69 @@ class LearnerWorker:
             groups.setdefault(id(unit), (unit, []))[1].append(name)
         return list(groups.values())
 
-    def _full_weights(self, copy: bool):
+    def _full_weights(self, copy: bool, names: set[str] | None = None):
         """(name, full tensor) in Hugging Face names, LoRA merged, in push order; a collective: every rank must
-        iterate it. One all-gather per FSDP unit (its `unshard`), not one per parameter. With `copy=False` a
-        tensor is valid only until the next one is asked for (the unit's gathered memory is freed after it)."""
+        iterate it. One all-gather per FSDP unit (its `unshard`), not one per parameter; with `names`, only those
+        tensors, and units holding none of them are not gathered at all. With `copy=False` a tensor is valid only
+        until the next one is asked for (the unit's gathered memory is freed after it)."""
 
         def gathered():
-            for unit, names in self._push_groups():
+            for unit, params in self._push_groups():
+                if names is not None and not any(weight_sync.merged_name(p) in names for p in params):
+                    continue
                 unit.unshard()
                 try:
-                    for name in names:
+                    for name in params:
                         t = self.student.get_parameter(name).detach()
                         yield name, (t.clone() if copy else t)
                 finally:
                     unit.reshard()
 
-        return weight_sync.merged_weights(gathered(), self.lora_scaling)
+        merged = weight_sync.merged_weights(gathered(), self.lora_scaling)
+        return merged if names is None else ((n, t) for n, t in merged if n in names)
 
-    def _weights_on_rank0(self, copy: bool = False):
+    def _weights_on_rank0(self, copy: bool = False, names: set[str] | None = None):
         """`_full_weights()` on rank 0; other ranks take part in every all-gather, keep nothing, and get None."""
-        weights = self._full_weights(copy)
+        weights = self._full_weights(copy, names)
         if self.rank == 0:
             return weights
         for _ in weights:
             pass
         return None
 
-    def weight_specs(self) -> list[weight_sync.TensorSpec]:
-        """Names, shapes and dtype of a push, in push order (no communication)."""
+    def weight_specs(self, changing_only: bool = False) -> list[weight_sync.TensorSpec]:
+        """Names, shapes and dtype of a push, in push order (no communication): every tensor, or with
+        `changing_only` a delta push's, the load units holding a tensor this learner trains."""
         shapes = ((n, tuple(self.student.get_parameter(n).shape)) for _, names in self._push_groups() for n in names)
         meta = weight_sync.merged_weights(((n, torch.empty(s, device="meta")) for n, s in shapes), 1.0)
-        return [weight_sync.TensorSpec(n, tuple(t.shape), self.cfg.model.dtype) for n, t in meta]
+        specs = [weight_sync.TensorSpec(n, tuple(t.shape), self.cfg.model.dtype) for n, t in meta]
+        if not changing_only:
+            return specs
+        trained = (weight_sync.merged_name(n) for n, p in self.student.named_parameters() if p.requires_grad)
+        return weight_sync.changing_specs(specs, trained)
 
     def open_sync_group(self, host: str, port: int, world_size: int) -> None:
         """Rank 0 joins the weight-push group as its rank 0 (the store host); other ranks have nothing to do."""
         if self.rank == 0:
             self.sync = weight_sync.SyncGroup(host, port, 0, world_size, self.cfg.weight_sync.timeout_s)
 
-    def push_weights(self, specs: list[weight_sync.TensorSpec], transport: str, bucket_bytes: int):
-        """Every rank gathers; rank 0 sends. Returns rank 0's PushReport and object refs (object_store), else None."""
+    def push_weights(self, specs: list[weight_sync.TensorSpec], transport: str, bucket_bytes: int, full: bool = True):
+        """Every rank gathers the tensors in `specs`; rank 0 sends them. `full`: `specs` is every tensor (the
+        receivers start a new lineage), else a delta on top of the last full push. Returns rank 0's PushReport and
+        object refs (object_store), else None."""
         t0 = time.perf_counter()
-        weights = self._weights_on_rank0()
+        weights = self._weights_on_rank0(names=None if full else {spec.name for spec in specs})
         if weights is None:
             return None
         try:
-            checksum, nbytes, refs = weight_sync.send(weights, specs, bucket_bytes, transport, self.sync)
+            digests, nbytes, refs = weight_sync.send(weights, specs, bucket_bytes, transport, self.sync)
         except weight_sync.PushGroupError:
             for _ in weights:  # the other ranks are still gathering: finish every all-gather with them, then fail
                 pass
             raise
-        report = weight_sync.PushReport(self.version, nbytes, time.perf_counter() - t0, checksum, transport)
+        self.sent = digests.by_name if full else {**self.sent, **digests.by_name}
+        report = weight_sync.PushReport(self.version, nbytes, time.perf_counter() - t0, digests.hexdigest(),
+                                        transport, weight_sync.state_digest(self.sent), full)  # fmt: skip
         return report, refs
 
     @torch.no_grad()

@@ -12,13 +12,14 @@ import os
 import time
 from pathlib import Path
 
+from vigos_ray.cluster import use_cpu_threads
 from vigos_ray.config import Config
 from vigos_ray.data import Sample
 from vigos_ray.models import load_model, load_processor, next_token_logprobs, sampling_token_ids
 from vigos_ray.prompts import encode, student_text
 from vigos_ray.sampling import banned_rows, hf_rollouts, make_rollout, sample_seed
 from vigos_ray.types import Rollout
-from vigos_ray.weight_sync import SyncGroup, TensorSpec, receive
+from vigos_ray.weight_sync import SyncGroup, TensorSpec, WeightSyncError, receive, state_digest
 
 
 def max_new_tokens(cfg: Config) -> int:
@@ -46,13 +47,19 @@ class StaleWeightsError(RuntimeError):
     """A rollout worker was asked to sample before it received the learner's weights."""
 
 
+class FullPushNeeded(WeightSyncError):
+    """A delta push reached a worker that holds no full push of the learner's weights (it was restarted)."""
+
+
 class RolloutWorker:
     def __init__(self, cfg: Config, model_path: str | Path, worker_index: int = 0):
         self.cfg, self.model_path, self.worker_index = cfg, str(model_path), worker_index
+        self.threads = use_cpu_threads(cfg, "rollout", cfg.rollout.num_gpus > 0)  # before the engine pins them
         self.processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
         self.tokenizer = self.processor.tokenizer
         self.allowed_ids = sampling_token_ids(self.tokenizer)
         self.version: int | None = None  # stale until the first push, even though model_path is loaded
+        self.held: dict[str, str] = {}  # digest of every tensor pushed since the last full push (none: no lineage)
         self._sync = None
         self._engine = self._start_vllm() if cfg.rollout.backend == "vllm" else None
         self._hf_model = load_model(model_path, cfg.model.dtype) if cfg.rollout.backend == "hf" else None
@@ -132,14 +139,14 @@ class RolloutWorker:
 
     def use_folder_weights(self) -> None:
         """Sample from the weights loaded from `model_path` (evaluation of a finished model: no learner pushes)."""
-        self.version = 0
+        self.version, self.held = 0, {}
 
     def use_weights_from(self, folder: str | Path) -> None:
         """Sample from the weights of another Hugging Face folder of the same architecture and tokenizer (one
         engine evaluates several models: a study's arms)."""
         from safetensors.torch import load_file
 
-        self.version = None
+        self.version, self.held = None, {}
         named: dict = {}
         for shard in sorted(Path(folder).glob("*.safetensors")):
             named.update(load_file(shard))
@@ -148,32 +155,44 @@ class RolloutWorker:
         self._load(list(named.items()))
         self.version = 0
 
-    def _load(self, named) -> None:
+    def _load(self, named, partial: bool = False) -> None:
+        """Load (name, tensor) pairs in Hugging Face names into the engine; `partial`: only some of its tensors."""
         if self._engine is not None:
             # vLLM's loader maps checkpoint names and repacks for its kernels (direct load_weights is wrong on CPU).
+            # Its layer-wise reload keeps a layer that receives no tensor as it is, but rebuilds a layer from the
+            # tensors it receives: a partial push must carry whole layers (weight_sync.load_unit).
             self._engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named)})
             # KV and image-embedding caches hold results of the old weights; the scheduler's encoder-cache
             # bookkeeping must be dropped with the runner's cache, else the next image request misses.
             self._engine.reset_prefix_cache()
             self._engine.llm_engine.reset_encoder_cache()
         else:
-            self._hf_model.load_state_dict(dict(named), strict=True)
+            unexpected = self._hf_model.load_state_dict(dict(named), strict=not partial).unexpected_keys
+            if unexpected:
+                raise KeyError(f"pushed weights the model does not have: {unexpected[:3]}")
 
     def open_sync_group(self, host: str, port: int, world_size: int) -> None:
         """Join the weight-push group as rank 1 + worker_index (learner rank 0 is rank 0)."""
         self._sync = SyncGroup(host, port, 1 + self.worker_index, world_size, self.cfg.weight_sync.timeout_s)
 
     def receive_weights(self, version: int, specs: list[TensorSpec], transport: str, bucket_bytes: int,
-                        refs: list | None = None, expected: str = "") -> dict:  # fmt: skip
-        """Receive a push, verify its checksum, load it into the engine, reset caches; returns what arrived."""
+                        refs: list | None = None, expected: str = "", full: bool = True) -> dict:  # fmt: skip
+        """Receive a push, verify its checksum, load it into the engine, reset caches; returns what arrived and
+        the digest of everything the engine now holds. A delta (`full=False`) loads on top of the last full push
+        and is refused (FullPushNeeded, nothing loaded) by a worker that has none."""
         t0 = time.perf_counter()
         self.version = None  # stale until the new weights are verified and loaded
-        named, checksum, nbytes = receive(specs, bucket_bytes, transport, self._sync, refs or [], expected)
+        named, digests, nbytes = receive(specs, bucket_bytes, transport, self._sync, refs or [], expected)
         received = time.perf_counter() - t0
-        self._load(named)
+        if not full and not self.held:
+            raise FullPushNeeded(f"rollout worker {self.worker_index} holds no full push to apply a delta to")
+        held, self.held = ({} if full else self.held), {}  # no lineage while a load is half done
+        self._load(named, partial=not full)
+        self.held = {**held, **digests.by_name}
         self.version = version
-        return {"worker": self.worker_index, "version": version, "checksum": checksum, "bytes": nbytes,
-                "receive_s": received, "apply_s": time.perf_counter() - t0 - received}  # fmt: skip
+        return {"worker": self.worker_index, "version": version, "checksum": digests.hexdigest(),
+                "state": state_digest(self.held), "bytes": nbytes, "receive_s": received,
+                "apply_s": time.perf_counter() - t0 - received}  # fmt: skip
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[t] | ids[:t]) for t >= 1 under the weights in the engine: the push's end-to-end probe."""

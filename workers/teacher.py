@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vigos_ray.cluster import use_cpu_threads
 from vigos_ray.config import Config
 from vigos_ray.models import check_model_folder, load_model, load_processor, tensor_checksum
 from vigos_ray.scoring import output_head, pool_targets
@@ -19,6 +20,7 @@ class TeacherWorker:
     def __init__(self, cfg: Config, model_path: str | Path, role: str, worker_index: int = 0):
         self.cfg, self.role, self.worker_index = cfg, role, worker_index
         self.pool = cfg.teachers.pools()[role]
+        self.threads = use_cpu_threads(cfg, "teachers", self.pool.num_gpus > 0)
         path = Path(self.pool.checkpoint).expanduser() if self.pool.checkpoint else Path(model_path)
         if self.pool.checkpoint:
             check_model_folder(path, key=f"teachers.{role}.checkpoint")

@@ -123,3 +123,19 @@ def test_a_run_starts_the_teacher_pools_its_objective_scores_with_and_asks_resou
     with pytest.raises(ResourceError, match=rf"asks for {gpus} GPUs"):
         check_cluster_resources(cfg, {"CPU": 64.0, "GPU": gpus - 0.5}, [{"CPU": 64.0, "GPU": 8.0}])
     check_cluster_resources(cfg, {"CPU": 64.0, "GPU": float(gpus)}, [{"CPU": 64.0, "GPU": 8.0}])
+
+
+def test_cpu_threads_share_the_cores_among_the_actors_busy_at_once():
+    from vigos_ray.cluster import stage_threads
+
+    def threads(*overrides, cores=16):
+        cfg = load_config(overrides=list(overrides))
+        return {stage: stage_threads(cfg, stage, cores) for stage in ("rollout", "teachers", "learner")}
+
+    # sync: one stage at a time (1 rollout worker, 3 teacher pools of 1, 2 learner ranks)
+    assert threads() == {"rollout": 16, "teachers": 5, "learner": 8}
+    assert threads("learner.workers=1", cores=2) == {"rollout": 2, "teachers": 1, "learner": 2}
+    # async: sampling runs beside scoring (3 teachers) or training (2 ranks)
+    assert threads("run.mode=async") == {"rollout": 4, "teachers": 4, "learner": 5}
+    assert threads("loss.objective=opsd", "run.mode=async", cores=2) == {"rollout": 1, "teachers": 1, "learner": 1}
+    assert threads("run.cpu_threads=3") == {"rollout": 3, "teachers": 3, "learner": 3}

@@ -1,4 +1,5 @@
-"""The weight-push format: LoRA merge against peft's own merge, buckets, packing, checksums; the LR schedule."""
+"""The weight-push format: LoRA merge against peft's own merge, delta pushes, buckets, packing, checksums; the LR
+schedule."""
 
 from __future__ import annotations
 
@@ -7,16 +8,20 @@ import torch
 from torch import nn
 
 from vigos_ray.weight_sync import (
-    Checksum,
+    Digests,
     PushGroupError,
     SyncGroup,
     TensorSpec,
+    changing_specs,
     free_port,
+    load_unit,
+    merged_name,
     merged_weights,
     pack,
     plan_buckets,
     receive,
     send,
+    state_digest,
     unpack,
 )
 from workers.learner import lr_lambda
@@ -47,6 +52,29 @@ def test_merged_lora_weights_equal_peft_merge_and_unload():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-6)
 
 
+def test_a_delta_push_carries_every_tensor_of_each_block_lora_trains_and_nothing_frozen():
+    from peft import LoraConfig, get_peft_model
+
+    class Model(nn.Module):  # Hugging Face's shape: embeddings, numbered blocks, a final norm, an output head
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(10, 8)
+            self.layers = nn.ModuleList([Block(), Block()])
+            self.norm = nn.LayerNorm(8)
+            self.lm_head = nn.Linear(8, 10, bias=False)
+
+    peft_model = get_peft_model(Model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    base = peft_model.get_base_model()
+    pushed = dict(merged_weights(((n, p.detach()) for n, p in base.named_parameters()), 1.0))
+    specs = [TensorSpec(n, tuple(t.shape), "float32") for n, t in pushed.items()]
+    trained = {merged_name(n) for n, p in base.named_parameters() if p.requires_grad}
+    assert trained == {"layers.0.q_proj.weight", "layers.1.q_proj.weight"}
+    delta = [s.name for s in changing_specs(specs, trained)]
+    # the q_proj bias, the norm and up_proj of a block travel with it: an engine may fuse them into q_proj's kernel
+    assert delta == [n for n in pushed if n.startswith("layers.")] and len(delta) == 2 * 5
+    assert {load_unit(n) for n in pushed} == {"embed_tokens", "layers.0", "layers.1", "norm", "lm_head"}
+
+
 def test_buckets_keep_order_and_a_large_tensor_travels_alone():
     specs = [TensorSpec(f"w{i}", shape, "float32") for i, shape in enumerate([(4,), (4,), (100,), (2,), (3,)])]
     assert plan_buckets(specs, bucket_bytes=40) == [[0, 1], [2], [3, 4]]
@@ -64,14 +92,21 @@ def test_pack_unpack_round_trips_bit_exactly(dtype):
                for x, y in zip(tensors, out, strict=True))  # fmt: skip
 
 
-def test_checksum_sees_a_single_flipped_bit():
-    buffer = pack([torch.randn(1000)])
-    a, b = Checksum(), Checksum()
-    a.update(buffer)
+def test_checksum_sees_a_single_flipped_bit_and_the_state_digest_every_tensor_held():
+    specs = [TensorSpec("a", (500,), "float32"), TensorSpec("b", (500,), "float32")]
+    buffer = pack([torch.randn(500), torch.randn(500)])
+    a, b = Digests(), Digests()
+    a.add(buffer, specs)
     flipped = buffer.clone()
-    flipped[500] ^= 1
-    b.update(flipped)
+    flipped[2500] ^= 1  # a bit of tensor b
+    b.add(flipped, specs)
     assert a.hexdigest() != b.hexdigest()
+    assert a.by_name["a"] == b.by_name["a"] and a.by_name["b"] != b.by_name["b"]
+    # a receiver that applied a delta of `b` onto a full push holds what one full push of the same bytes gives
+    delta = Digests()
+    delta.add(buffer[2000:], specs[1:])
+    assert state_digest({**b.by_name, **delta.by_name}) == state_digest(a.by_name)
+    assert state_digest(a.by_name) != state_digest(delta.by_name)  # a delta alone is not the whole state
 
 
 SPECS = [TensorSpec(f"w{i}", (256, 256), "float32") for i in range(4)]  # 4 buckets of 256 KiB

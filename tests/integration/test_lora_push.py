@@ -1,0 +1,80 @@
+"""Delta weight pushes with LoRA on the session's Ray cluster: after the first full push only the blocks LoRA
+trains travel, the engine still computes what the learner computes after every push, and a restarted rollout
+worker refuses a delta and gets every tensor again."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from vigos_ray.driver import prompt_stream, train
+from vigos_ray.models import load_processor
+from vigos_ray.pipeline import Pipeline
+from workers.rollout import FullPushNeeded
+
+from .test_pipeline import PROBE, PROBE_TOL, config, probe_gap
+
+pytestmark = pytest.mark.integration
+
+
+def test_lora_pushes_carry_only_what_training_changes_and_a_restarted_worker_gets_everything(
+    ray_cluster, tiny_fast, cache_dir
+):
+    import ray
+
+    cfg = config(tiny_fast, cache_dir, "learner.workers=1", "learner.lora.enabled=true", "learner.lora.r=8",
+                 "loss.objective=opsd", "run.steps=2")  # fmt: skip
+    processor = load_processor(tiny_fast, cfg.model.min_pixels, cfg.model.max_pixels)
+    pipe = Pipeline(cfg, tiny_fast)
+    try:
+        full = {s.name for s in pipe.specs}
+        delta = {s.name for s in pipe.delta_specs}
+        frozen = {n for n in full if "embed_tokens" in n or "lm_head" in n or n.startswith("model.visual.patch_embed")}
+        assert frozen and not frozen & delta and delta < full
+        assert {n for n in full if ".layers.0." in n} <= delta  # a trained block travels whole, norms included
+        nbytes = {"full": sum(s.nbytes for s in pipe.specs), "delta": sum(s.nbytes for s in pipe.delta_specs)}
+
+        pushes, push_once = [], pipe._push_once
+
+        def spy(*args, **kwargs):  # every push the pipeline makes, recovery pushes included
+            report, receipts = push_once(*args, **kwargs)
+            pushes.append((report.full, report.bytes, {r["state"] for r in receipts} == {report.state}))
+            return report, receipts
+
+        pipe._push_once = spy
+        records, gaps = [], []
+
+        def on_step(record):
+            records.append(record)
+            gaps.append(probe_gap(pipe))
+
+        before = torch.tensor(pipe.rollout.call_all("token_logprobs", PROBE)[0])
+        train(cfg, pipe, processor, prompt_stream(cfg, processor), on_step)
+
+        # The worker dies and comes back with only the initial weights: it refuses a delta (nothing loaded) ...
+        report, refs = pipe.learner.call_all("push_weights", pipe.delta_specs, "object_store", 2**20, False)[0]
+        worker = pipe.rollout.actors[0]
+        ray.kill(worker, no_restart=False)
+        with pytest.raises(ray.exceptions.RayActorError):  # until Ray has seen it die
+            for _ in range(200):
+                ray.get(worker.__ray_ready__.remote(), timeout=60)
+                time.sleep(0.05)
+        pipe.rollout.wait_restarted()
+        with pytest.raises(FullPushNeeded, match="holds no full push"):
+            pipe.rollout.call_all("receive_weights", pipe.version, pipe.delta_specs, "object_store", 2**20,
+                                  refs=refs, expected=report.checksum, full=False)  # fmt: skip
+        # ... so the next step finds it stale, and the pipeline sends it every tensor before sampling again
+        train(cfg, pipe, processor, prompt_stream(cfg, processor), on_step)
+        after = torch.tensor(pipe.rollout.call_all("token_logprobs", PROBE)[0])
+    finally:
+        pipe.shutdown()
+
+    assert [(f, b) for f, b, _ in pushes] == [(False, nbytes["delta"])] * 2 + [(True, nbytes["full"])] + [
+        (False, nbytes["delta"])
+    ] * 2
+    assert all(same_state for _, _, same_state in pushes)
+    assert [r["push/full"] for r in records] == [0] * 4 and all(r["push/bytes"] == nbytes["delta"] for r in records)
+    assert max(gaps) < PROBE_TOL, gaps  # after every push, the restart included, engine == learner
+    assert float((after - before).abs().max()) > 100 * PROBE_TOL  # and the adapted weights did move
