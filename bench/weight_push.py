@@ -63,10 +63,10 @@ class Member:
         t0 = time.perf_counter()
         if self.rank == 0:
             weights = ((s.name, torch.ones(s.shape, dtype=torch.float32)) for s in specs)  # cast to bf16 on send
-            checksum, nbytes, refs = weight_sync.send(weights, specs, bucket_bytes, transport, self.group)
-            return time.perf_counter() - t0, checksum, refs
-        _, checksum, _ = weight_sync.receive(specs, bucket_bytes, transport, self.group, refs or [], expected)
-        return time.perf_counter() - t0, checksum, None
+            digests, _, refs = weight_sync.send(weights, specs, bucket_bytes, transport, self.group)
+            return time.perf_counter() - t0, digests.hexdigest(), refs
+        _, digests, _ = weight_sync.receive(specs, bucket_bytes, transport, self.group, refs or [], expected)
+        return time.perf_counter() - t0, digests.hexdigest(), None
 
 
 def main() -> None:

@@ -105,8 +105,8 @@ def initial_push(folder, bucket_bytes=2**16):
 
     named = list(load_model(folder).named_parameters())
     specs = [TensorSpec(n, tuple(p.shape), "float32") for n, p in named]
-    checksum, _, refs = send(iter(named), specs, bucket_bytes, "object_store")
-    return specs, refs, checksum
+    digests, _, refs = send(iter(named), specs, bucket_bytes, "object_store")
+    return specs, refs, digests.hexdigest()
 
 
 @pytest.fixture(scope="module", params=KINDS)
