@@ -1,12 +1,10 @@
 """Evaluation: Pass@k / Avg@k on constructed sets with known values, the grounding probe and the prior split with a
-scripted model, checkpoint export, and `launch/eval.py` on the tiny model through vLLM."""
+scripted model, checkpoint export, and `launch/eval.py` and `launch/palr.py` on the tiny models, in this process."""
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from itertools import combinations
 
 import pytest
@@ -17,8 +15,6 @@ from vigos_ray.data import Sample
 from vigos_ray.evaluation import EvalItem, JudgeRequired, check_benchmark, evaluate, pass_at_k
 from vigos_ray.models import load_processor
 from vigos_ray.sampling import make_rollout
-
-from ..conftest import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -80,15 +76,18 @@ def test_scores_probe_and_prior_split_on_a_scripted_model(tiny_fast):
     assert report["per_item"][0]["extracted"] == ["red", None]
 
 
-def test_eval_command_on_the_warm_start_reports_what_its_responses_show(tmp_path, tiny_warm):
-    """`launch/eval.py` on the default student: every number in the report recounted from its own responses with
-    an independent grader (easy-VQA answers are single words) and subset counting for Pass@k."""
+def test_eval_command_on_the_warm_start_reports_what_its_responses_show(tmp_path, tiny_warm, capfd):
+    """`launch/eval.py` on the default student (sampling with the HF backend: the vLLM engine's sampling is
+    checked against transformers in test_models.py): every number in the report recounted from its own responses
+    with an independent grader (easy-VQA answers are single words) and subset counting for Pass@k."""
+    from launch.eval import main as eval_main
+
     out = tmp_path / "report.json"
-    cmd = [sys.executable, "launch/eval.py", "--model", str(tiny_warm), "--out", str(out),
-           f"run.cache_dir={tmp_path}", "eval.limit=6", "eval.samples=3", "eval.k=2", "eval.max_new_tokens=96",
-           "model.max_pixels=12544"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = eval_main(["--model", str(tiny_warm), "--out", str(out), f"run.cache_dir={tmp_path}", "eval.limit=6",
+                      "eval.samples=3", "eval.k=2", "eval.max_new_tokens=96", "model.max_pixels=12544",
+                      "rollout.backend=hf"])  # fmt: skip
+    stdout, stderr = capfd.readouterr()
+    assert code == 0, stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["items"] == 6 and report["samples_per_item"] == 3 and report["k"] == 2
     assert report["decoding"] == {"temperature": 1.0, "top_p": 0.9, "top_k": 20, "max_new_tokens": 96}
@@ -116,8 +115,8 @@ def test_eval_command_on_the_warm_start_reports_what_its_responses_show(tmp_path
     assert report["unparseable"] == pytest.approx(sum("\\boxed{" not in t for t in texts) / len(texts))
     assert report["image"]["sensitivity"] == pytest.approx(report["image"]["true"] - report["image"]["mismatched"])
     assert report["image"]["true"] == pytest.approx(report["accuracy"])
-    assert f"{100 * report['pass@2']:6.2f}%" in proc.stdout and "image sensitivity" in proc.stdout
-    assert proc.stderr.count("\n") < 10 and "Warning" not in proc.stderr  # the console: our lines and a bar
+    assert f"{100 * report['pass@2']:6.2f}%" in stdout and "image sensitivity" in stdout
+    assert stderr.count("\n") < 10 and "Warning" not in stderr  # the console: our lines and a bar
 
 
 def test_answer_pools_offer_wrong_answers_of_the_same_kind():
@@ -139,7 +138,8 @@ def test_answer_pools_offer_wrong_answers_of_the_same_kind():
     assert set(wrong_answers(items[6][0], pools, 3)) == {"cat", "cow"}
 
 
-def test_palr_command_measures_given_rollouts_for_both_methods(tmp_path, tiny_fast):
+def test_palr_command_measures_given_rollouts_for_both_methods(tmp_path, tiny_fast, capfd):
+    from launch.palr import main as palr_main
     from vigos_ray.easyvqa import write_easyvqa_jsonl
 
     records = [json.loads(line) for line in write_easyvqa_jsonl(tmp_path, "test").read_text().splitlines()[:4]]
@@ -148,10 +148,10 @@ def test_palr_command_measures_given_rollouts_for_both_methods(tmp_path, tiny_fa
                                             f"{r['answer']}.</think>\\boxed{{{r['answer']}}}"}) + "\n"
                                 for r in records))  # fmt: skip
     out = tmp_path / "palr.json"
-    cmd = [sys.executable, "launch/palr.py", "--model", str(tiny_fast), "--rollouts", str(rollouts), "--out",
-           str(out), f"run.cache_dir={tmp_path}", "eval.limit=4", "model.max_pixels=12544"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = palr_main(["--model", str(tiny_fast), "--rollouts", str(rollouts), "--out", str(out),
+                      f"run.cache_dir={tmp_path}", "eval.limit=4", "model.max_pixels=12544"])  # fmt: skip
+    stdout, stderr = capfd.readouterr()
+    assert code == 0, stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["valid_rollouts"] == report["rollouts"] == 4
     for method in ("vigos", "opsd"):
@@ -160,7 +160,7 @@ def test_palr_command_measures_given_rollouts_for_both_methods(tmp_path, tiny_fa
         assert report[method]["tokens"]["description"] > 0
     assert report["vigos"]["pooled"]["description"] == 0.0  # the perception teacher never sees the answer
     assert report["opsd"]["pooled"]["reasoning"] > 0.0
-    assert "T_d" in proc.stdout and "vigos" in proc.stdout and "opsd" in proc.stdout
+    assert "T_d" in stdout and "vigos" in stdout and "opsd" in stdout
 
 
 def test_mathvista_style_records_become_items_with_choices_and_bad_ones_are_skipped(tmp_path):

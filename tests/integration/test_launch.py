@@ -22,6 +22,7 @@ from ..conftest import REPO
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # its own head and job driver: ~60 s; the in-process launch tests cover run.py
 def test_ray_job_submit_runs_the_pipeline_on_a_head_started_on_loopback(tmp_path, tiny_fast):
     from vigos_ray.weight_sync import free_port
 

@@ -109,7 +109,8 @@ def initial_push(folder, bucket_bytes=2**16):
     return specs, refs, digests.hexdigest()
 
 
-@pytest.fixture(scope="module", params=KINDS)
+# The real 151,936-row vocabulary in a vLLM engine costs ~60 s of engine start here (its tokenizer): `slow`.
+@pytest.fixture(scope="module", params=["fast", pytest.param("qwen_vocab", marks=pytest.mark.slow)])
 def vllm_worker(request, ray_cluster, folders):
     """A real RolloutWorker (vLLM CPU engine) in a Ray actor, as the pipeline runs it."""
     from workers.rollout import RolloutWorker

@@ -39,18 +39,30 @@ def plan_rows(tiny_fast, tmp_path_factory):
     return plan.teacher_rows["privileged"]
 
 
-@pytest.mark.parametrize("payload", ["hidden", "topk", "sampled"])
-def test_teacher_actor_scores_like_the_library_function(ray_cluster, tiny_fast, plan_rows, payload):
-    overrides = ["model.max_pixels=12544", f"teachers.payload={payload}"]
-    if payload == "sampled":
-        overrides.append("loss.divergence=sampled_rkl")
-    cfg = load_config(overrides=overrides)
-    pool = WorkerGroup(TeacherWorker, 1, 1, 0, args=(cfg, str(tiny_fast), "reference"), name=f"teacher-{payload}")
-    try:
-        remote = pool.call_all("score", plan_rows)[0]
-        checksum = pool.call_all("head_checksum")[0]
-    finally:
+PAYLOADS = ["hidden", "topk", "sampled"]
+
+
+def payload_config(payload: str):
+    extra = ["loss.divergence=sampled_rkl"] if payload == "sampled" else []
+    return load_config(overrides=["model.max_pixels=12544", f"teachers.payload={payload}", *extra])
+
+
+@pytest.fixture(scope="module")
+def pools(ray_cluster, tiny_fast):
+    """One teacher actor per payload, all started at once (their start-up, mostly imports, overlaps)."""
+    started = {p: WorkerGroup(TeacherWorker, 1, 1, 0, args=(payload_config(p), str(tiny_fast), "reference"),
+                              name=f"teacher-{p}", wait=False) for p in PAYLOADS}  # fmt: skip
+    yield started
+    for pool in started.values():
         pool.shutdown()
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_teacher_actor_scores_like_the_library_function(pools, tiny_fast, plan_rows, payload):
+    cfg, pool = payload_config(payload), pools[payload]
+    pool.ready().result()
+    remote = pool.call_all("score", plan_rows)[0]
+    checksum = pool.call_all("head_checksum")[0]
     model = load_model(tiny_fast)
     vocab = len(load_processor(tiny_fast, 3136, 12544).tokenizer)
     local = teacher_targets(model, plan_rows, payload, vocab, cfg.teachers.reference.token_budget, cfg.teachers.topk,
