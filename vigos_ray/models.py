@@ -1,7 +1,8 @@
 """Loading Qwen-VL checkpoints (real or tiny) and their processors, with clear errors for bad folders.
 
-One loading path for every model: a Hugging Face folder. `resolve_model_path` builds the tiny model into the
-cache when `model.path` is empty. Where torchvision's video processor cannot load, an image-only processor with the
+One loading path for every model: a Hugging Face folder. `model_folder` takes a folder or a hub id (resolved
+through huggingface_hub's cache); `resolve_model_path` builds the tiny model into the cache when `model.path` is
+empty. Where torchvision's video processor cannot load, an image-only processor with the
 same outputs for images stands in.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from vigos_ray.tiny import VISION_SPECIAL_TOKENS, ensure_tiny_model
 
 log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # org/name, optionally @revision
 
 
 class ModelFolderError(ValueError):
@@ -28,8 +31,32 @@ class ModelFolderError(ValueError):
 def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path, seed: int = 0) -> Path:
     if not cfg.path:
         return ensure_tiny_model(cache_dir, kind=cfg.tiny, seed=seed)
-    path = Path(cfg.path).expanduser()
-    check_model_folder(path, key="model.path")
+    return model_folder(cfg.path, "model.path")
+
+
+def model_folder(value: str | Path, key: str) -> Path:
+    """`value` as a checked model folder: a folder as given, else a Hugging Face hub id (`org/name`, pinned with
+    `org/name@revision`) resolved through huggingface_hub's cache (`HF_HOME` / `HF_HUB_CACHE`), downloaded there
+    once per node when online; with `HF_HUB_OFFLINE=1` only the cache is read. Raises ModelFolderError naming
+    `key`."""
+    path = Path(value).expanduser()
+    if path.exists() or not HUB_ID.match(str(value)):
+        check_model_folder(path, key=key)
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    repo, _, revision = str(value).partition("@")
+    try:
+        path = Path(snapshot_download(repo, revision=revision or None))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFolderError(
+            f"{key}={value} is neither a folder nor a Hugging Face model id found in the hub cache "
+            f"{constants.HF_HUB_CACHE} ({reason}); download it first (`hf download {repo}`"
+            f"{f' --revision {revision}' if revision else ''}, with HF_HOME on every node) or point {key} at a folder"
+        ) from None
+    check_model_folder(path, key=key)
     return path
 
 
@@ -212,8 +239,7 @@ def check_teacher_checkpoints(cfg, student) -> None:
         if not pool.checkpoint:
             continue
         key = f"teachers.{role}.checkpoint"
-        path = Path(pool.checkpoint).expanduser()
-        check_model_folder(path, key=key)
+        path = model_folder(pool.checkpoint, key)
         teacher = load_processor(path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
         if len(teacher) != len(student) or teacher.get_vocab() != student.get_vocab():
             raise ModelFolderError(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vigos_ray.cluster import use_cpu_threads
 from vigos_ray.config import Config
-from vigos_ray.models import check_model_folder, load_model, load_processor, tensor_checksum
+from vigos_ray.models import load_model, load_processor, model_folder, tensor_checksum
 from vigos_ray.scoring import output_head, pool_targets
 from vigos_ray.types import ScoreRow, TeacherTargets
 
@@ -21,9 +21,8 @@ class TeacherWorker:
         self.cfg, self.role, self.worker_index = cfg, role, worker_index
         self.pool = cfg.teachers.pools()[role]
         self.threads = use_cpu_threads(cfg, "teachers", self.pool.num_gpus > 0)
-        path = Path(self.pool.checkpoint).expanduser() if self.pool.checkpoint else Path(model_path)
-        if self.pool.checkpoint:
-            check_model_folder(path, key=f"teachers.{role}.checkpoint")
+        checkpoint, key = self.pool.checkpoint, f"teachers.{role}.checkpoint"
+        path = model_folder(checkpoint, key) if checkpoint else Path(model_path)  # a hub id resolves on this node
         self.model = load_model(path, cfg.model.dtype, "cuda" if self.pool.num_gpus > 0 else "cpu")
         self.model.requires_grad_(False)
         tokenizer = load_processor(path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
