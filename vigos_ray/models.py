@@ -2,8 +2,8 @@
 
 One loading path for every model: a Hugging Face folder. `model_folder` takes a folder or a hub id (resolved
 through huggingface_hub's cache); `resolve_model_path` builds the tiny model into the cache when `model.path` is
-empty. Where torchvision's video processor cannot load, an image-only processor with the
-same outputs for images stands in.
+empty. Where torchvision's video processor cannot load, an image-only processor with the same outputs for images
+stands in.
 """
 
 from __future__ import annotations
@@ -193,11 +193,12 @@ def tensor_checksum(t) -> str:
 
 
 def load_output_head(path: str | Path, key: str):
-    """The output head [V', d] of a checkpoint, read alone from its safetensors (the tied embedding if tied)."""
+    """The output head [V', d] of a checkpoint (a folder or a hub id), read alone from its safetensors (the tied
+    embedding if tied)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    config = check_model_folder(path, key=key)
+    path = model_folder(path, key)
+    config = json.loads((path / "config.json").read_text())  # checked by model_folder
     tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
     wanted = ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight") if tied else ("lm_head.weight",)
     for file in sorted(path.glob("*.safetensors")):

@@ -27,7 +27,6 @@ from vigos_ray.models import (
     load_model,
     load_output_head,
     load_processor,
-    model_folder,
     next_token_logprobs,
     tensor_checksum,
     write_model_folder,
@@ -122,7 +121,7 @@ class LearnerWorker:
             checkpoint = self.cfg.teachers.pools()[seg.teacher].checkpoint
             if checkpoint and checkpoint not in by_path:
                 key = f"teachers.{seg.teacher}.checkpoint"
-                by_path[checkpoint] = load_output_head(model_folder(checkpoint, key), key).to(self.device)
+                by_path[checkpoint] = load_output_head(checkpoint, key).to(self.device)
             heads[seg.name] = by_path[checkpoint] if checkpoint else initial_head
         return heads
 
