@@ -33,7 +33,12 @@ from vigos_ray.evaluation import (  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="model folder, run directory or checkpoint")
-    parser.add_argument("--data", nargs="+", default=["easyvqa"], help="'easyvqa' or record files")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=["easyvqa"],
+        help="'easyvqa', record files, Parquet snapshot folders or hub dataset ids (org/name@split)",
+    )
     parser.add_argument("--benchmark", default="", help="benchmark name (refused if it needs an LLM judge)")
     parser.add_argument("--out", type=Path, help="JSON report (default: eval-<benchmark>.json beside the model)")
     add_config_arguments(parser, "eval.samples=8")
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, code = command_config(args)
     if cfg is None:
         return code
-    name = args.benchmark or ("easyvqa" if args.data == ["easyvqa"] else Path(args.data[0]).stem)
+    name = args.benchmark or ("easyvqa" if args.data == ["easyvqa"] else Path(args.data[0].partition("@")[0]).stem)
     out = args.out or report_home(args.model) / f"eval-{name}.json"
     with Console(out.with_suffix(".log")):
         try:
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_eval(cfg, folder: Path, data: list[str], name: str) -> dict:
     from workers.rollout import RolloutWorker
 
-    files = eval_files(cfg, data)
+    files = eval_files(cfg, data, "--data")
     items = read_items(files, cfg, cfg.eval.limit)
     worker = RolloutWorker(cfg, folder)
     worker.use_folder_weights()

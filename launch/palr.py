@@ -47,7 +47,12 @@ def read_rollouts(path: Path, items, processor, cfg) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="model folder, run directory or checkpoint")
-    parser.add_argument("--data", nargs="+", default=["easyvqa"], help="'easyvqa' or record files")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=["easyvqa"],
+        help="'easyvqa', record files, Parquet snapshot folders or hub dataset ids (org/name@split)",
+    )
     parser.add_argument("--rollouts", type=Path, help="JSONL of {id, completion} to measure instead of sampling")
     parser.add_argument("--k-wrong", type=int, default=3, help="wrong answers per item (SPEC §8 default: 3)")
     parser.add_argument("--out", type=Path, help="JSON report (default: palr.json beside the model)")
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     with Console(out.with_suffix(".log")):
         try:
             folder, _ = resolve_eval_model(args.model)
-            items = read_items(eval_files(cfg, args.data), cfg, cfg.eval.limit)
+            items = read_items(eval_files(cfg, args.data, "--data"), cfg, cfg.eval.limit)
             report = measure(cfg, folder, items, args.rollouts, args.k_wrong)
         except input_errors() as err:
             error(f"error: {err}")

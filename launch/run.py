@@ -9,6 +9,7 @@ command again resumes from the last checkpoint.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -29,9 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg, code = command_config(args)
     if cfg is None:
         return code
-    logs = Path(cfg.run.output_dir) / cfg.run.name / "logs"
+    logs = (Path(cfg.run.output_dir) / cfg.run.name / "logs").resolve()
     with Console(logs / "driver.log", events=logs / EVENTS):
         say(f"logs: {logs}/ (Ray, libraries and each actor's output; this terminal shows our lines only)")
+        if "working_dir_files" in Path.cwd().parts[-2:] and not Path(cfg.run.output_dir).is_absolute():
+            logging.getLogger("vigos_ray.launch").warning(
+                "run.output_dir=%s is inside this job's copy of its working directory, which Ray deletes once the "
+                "job's files are no longer used: set run.output_dir to an absolute path on shared storage",
+                cfg.run.output_dir,
+            )
         code, summary = run_ray_command(lambda: train(cfg, logs))
         if code == 0:
             say(summary)

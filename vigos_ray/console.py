@@ -50,7 +50,11 @@ def command_config(args, *overrides: str):
         error(f"error: {err}")
         return None, 2
     if args.print_config:
+        from vigos_ray.hub import resolved_inputs
+
         say(to_yaml(cfg).rstrip())
+        say("# resolved on this node (nothing downloaded):")
+        say("\n".join(f"#   {line}" for line in resolved_inputs(cfg)))
         return None, 0
     return cfg, 0
 

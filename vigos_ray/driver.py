@@ -18,7 +18,7 @@ from ray.exceptions import RayActorError
 from vigos_ray.checkpoint import Checkpointer, DriverState, load_driver_state, resume_path
 from vigos_ray.config import Config, save_config
 from vigos_ray.console import progress
-from vigos_ray.data import PromptStream, read_files
+from vigos_ray.data import PromptStream, read_files, record_files
 from vigos_ray.easyvqa import write_easyvqa_jsonl
 from vigos_ray.evaluation import during_training, eval_files, read_items
 from vigos_ray.metrics import Metrics, step_record
@@ -39,7 +39,8 @@ def prompt_stream(cfg: Config, processor, split: str = "train") -> PromptStream:
     if cfg.data.source == "easyvqa":
         files = [str(write_easyvqa_jsonl(cache / "data", "train" if split == "train" else "test"))]
     else:
-        files = cfg.data.train_files if split == "train" else cfg.data.eval_files
+        key = "data.train_files" if split == "train" else "data.eval_files"
+        files = record_files(cfg.data.train_files if split == "train" else cfg.data.eval_files, key, split)
     prompt_tokens = lambda s: len(encode(processor, student_text(processor, s.problem, cfg.prompts), s.image).input_ids)  # noqa: E731
     return PromptStream(
         read_files(files, cfg.data.limit), seed=cfg.run.seed, shuffle=cfg.data.shuffle,
@@ -53,12 +54,16 @@ def held_out_data(cfg: Config) -> list[str]:
 
 
 def preflight(cfg: Config):
-    """The checks that need no cluster: the student folder (built and warm-started once, for the tiny default) and
-    every teacher checkpoint against its tokenizer. Returns (model folder, processor); raises naming the key to
-    change."""
+    """The checks that need no cluster: the student folder (built and warm-started once, for the tiny default),
+    every teacher checkpoint against its tokenizer, and the data files. Returns (model folder, processor); raises
+    naming the key to change."""
     model_path = initial_model(cfg)
     processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
     check_teacher_checkpoints(cfg, processor.tokenizer)
+    if cfg.data.source == "files":  # the data files (a hub dataset: its snapshot) are found before any actor
+        record_files(cfg.data.train_files, "data.train_files", "train")
+        if cfg.eval.every_steps:
+            eval_files(cfg, cfg.data.eval_files)
     return model_path, processor
 
 
@@ -71,6 +76,9 @@ def run(cfg: Config, log_dir: Path | None = None) -> Path:
     save_config(cfg, run_dir / "config.yaml")
     model_path, processor = preflight(cfg)
     prompts = prompt_stream(cfg, processor)
+    held_out = None
+    if cfg.eval.every_steps:  # read before any actor starts, so a bad eval file costs no start-up
+        held_out = read_items(eval_files(cfg, held_out_data(cfg)), cfg, cfg.eval.during_train_items)
     checkpoints = Checkpointer(cfg.checkpoint, run_dir / "checkpoints")
     resume = resume_path(cfg.checkpoint, checkpoints.root)
     pipe = Pipeline(cfg, model_path, log_dir.resolve() if log_dir else None)
@@ -85,9 +93,6 @@ def run(cfg: Config, log_dir: Path | None = None) -> Path:
             if start.step >= cfg.run.steps:
                 log.info("the run is already complete (run.steps=%d); writing final/ again", cfg.run.steps)
         metrics = Metrics(cfg, run_dir, from_step=start.step if start else 0)
-        held_out = None
-        if cfg.eval.every_steps:
-            held_out = read_items(eval_files(cfg, held_out_data(cfg)), cfg, cfg.eval.during_train_items)
         with metrics, Preemption(cfg.checkpoint.grace_s, DrainWatch(pipe.critical_nodes())) as preemption:
             train(cfg, pipe, processor, prompts, metrics.write, start, checkpoints, preemption, held_out)
         final = pipe.export(run_dir / "final")

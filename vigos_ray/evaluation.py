@@ -63,13 +63,15 @@ def with_choices(question: str, choices: Sequence[str]) -> str:
     return question.rstrip() + "\nChoices:\n" + "\n".join(lines)
 
 
-def eval_files(cfg: Config, data: Sequence[str]) -> list[Path]:
-    """`["easyvqa"]`: the embedded easy-VQA test split (written once into the cache); else the given files."""
+def eval_files(cfg: Config, data: Sequence[str], key: str = "data.eval_files") -> list[Path]:
+    """`["easyvqa"]`: the embedded easy-VQA test split (written once into the cache); else the record files of the
+    given entries (files, snapshot folders or hub dataset ids, `test` split unless one is named)."""
+    from vigos_ray.data import record_files
     from vigos_ray.easyvqa import write_easyvqa_jsonl
 
     if list(data) == ["easyvqa"]:
         return [write_easyvqa_jsonl(Path(cfg.run.cache_dir) / "data", "test")]
-    return [Path(f) for f in data]
+    return record_files(list(data), key, "test")
 
 
 def read_items(paths: Sequence[str | Path], cfg: Config, limit: int = 0) -> list[EvalItem]:

@@ -11,17 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vigos_ray.config import ModelConfig
+from vigos_ray.hub import MODEL_ID, HubError, snapshot
 from vigos_ray.tiny import VISION_SPECIAL_TOKENS, ensure_tiny_model
 
 log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # org/name, optionally @revision
 
 
 class ModelFolderError(ValueError):
@@ -34,28 +33,20 @@ def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path, seed: int = 0) -
     return model_folder(cfg.path, "model.path")
 
 
-def model_folder(value: str | Path, key: str) -> Path:
+def model_folder(value: str | Path, key: str, download: bool = True) -> Path:
     """`value` as a checked model folder: a folder as given, else a Hugging Face hub id (`org/name`, pinned with
     `org/name@revision`) resolved through huggingface_hub's cache (`HF_HOME` / `HF_HUB_CACHE`), downloaded there
-    once per node when online; with `HF_HUB_OFFLINE=1` only the cache is read. Raises ModelFolderError naming
-    `key`."""
+    once per node when online and `download`; with `HF_HUB_OFFLINE=1` only the cache is read. Raises
+    ModelFolderError naming `key`."""
     path = Path(value).expanduser()
-    if path.exists() or not HUB_ID.match(str(value)):
+    hub_id = MODEL_ID.match(str(value))
+    if path.exists() or not hub_id:
         check_model_folder(path, key=key)
         return path
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    repo, _, revision = str(value).partition("@")
     try:
-        path = Path(snapshot_download(repo, revision=revision or None))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFolderError(
-            f"{key}={value} is neither a folder nor a Hugging Face model id found in the hub cache "
-            f"{constants.HF_HUB_CACHE} ({reason}); download it first (`hf download {repo}`"
-            f"{f' --revision {revision}' if revision else ''}, with HF_HOME on every node) or point {key} at a folder"
-        ) from None
+        path = snapshot(hub_id["repo"], hub_id["revision"], "model", key, str(value), download=download)
+    except HubError as err:
+        raise ModelFolderError(str(err)) from None
     check_model_folder(path, key=key)
     return path
 

@@ -4,6 +4,8 @@ finished.) Errors that come before any cluster starts are checked by calling `ma
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,38 +24,62 @@ from ..conftest import REPO
 pytestmark = pytest.mark.integration
 
 
+def readme_cluster_commands() -> dict[str, list[str]]:
+    """The head, RAY_ADDRESS, submit and logs commands of the README's cluster block, split as a shell would."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("<!-- tests/integration/test_launch.py runs") :].split("```bash\n", 1)[1].split("```")[0]
+    lines = [line.split("#")[0].strip() for line in block.splitlines()]
+    pick = lambda prefix: shlex.split(next(line for line in lines if line.startswith(prefix)))  # noqa: E731
+    return {"head": pick("ray start --head"), "address": pick("export RAY_ADDRESS="),
+            "submit": pick("ray job submit"), "logs": pick("ray job logs")}  # fmt: skip
+
+
 @pytest.mark.slow  # its own head and job driver: ~60 s; the in-process launch tests cover run.py
-def test_ray_job_submit_runs_the_pipeline_on_a_head_started_on_loopback(tmp_path, tiny_fast):
+def test_the_readme_cluster_commands_run_as_written_on_a_head_on_loopback(tmp_path, tiny_fast):
+    """The README's commands, run from the repository with the project's venv as the nodes' environment (its bin
+    first on PATH, as `source .venv/bin/activate` leaves it): plain `python` in the job is the venv's, the code
+    travels with `--working-dir .`. Changed for the test: loopback addresses, free ports, a head that ends with
+    the test (`--block`, its own temp dir), and the tiny model's settings in place of the 3B config."""
     from vigos_ray.weight_sync import free_port
 
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    ray_bin = str(Path(sys.executable).with_name("ray"))
+    commands = readme_cluster_commands()
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=f"{venv_bin}:{os.environ['PATH']}", VIRTUAL_ENV=str(Path(venv_bin).parent),
+               RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port("127.0.0.1"), free_port("127.0.0.1")
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    # --block: the head's processes end with this one, so the test never touches the session's own cluster
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=6",
-         f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    head = [arg if not arg.startswith("--port=") else f"--port={port}" for arg in commands["head"]]
+    head += ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=6", f"--temp-dir={temp_dir}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"]  # fmt: skip
+    address = commands["address"][1].split("=", 1)[1].replace("<head-ip>", "127.0.0.1")
+    env["RAY_ADDRESS"] = address.replace(":8265", f":{dashboard}")
+    submit = commands["submit"]
+    tiny = [f"run.output_dir={tmp_path}/runs", f"model.path={tiny_fast}", f"run.cache_dir={tmp_path}/cache",
+            "run.steps=2", "learner.prompts_per_step=2", "rollout.max_new_tokens=12", "learner.workers=1",
+            "loss.objective=opsd"]  # fmt: skip
+    submit = submit[: submit.index("launch/run.py") + 1] + tiny
+    assert submit[:8] == ["ray", "job", "submit", "--working-dir", ".", "--", "python", "launch/run.py"]
+    server = subprocess.Popen(head, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        entry = (f"cd {REPO} && {sys.executable} launch/run.py run.steps=2 run.output_dir={tmp_path}/runs "
-                 f"model.path={tiny_fast} run.cache_dir={tmp_path}/cache learner.prompts_per_step=2 "
-                 "rollout.max_new_tokens=12 run.mode=async weight_sync.transport=object_store "
-                 "loss.objective=opsd learner.workers=1")  # fmt: skip
-        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", "bash", "-c", entry]
         for _ in range(30):  # the dashboard's job server comes up a few seconds after the head
-            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+            proc = subprocess.run(submit, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
             if "Failed to connect" not in proc.stdout + proc.stderr:
                 break
             time.sleep(2)
-        assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, proc.stdout[-3000:]
-        records = (tmp_path / "runs" / "vigos" / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(r)["version"] for r in records] == [1, 2]
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "succeeded" in out, out[-3000:]
+        run_dir = tmp_path / "runs" / "vigos"
+        assert f"logs: {run_dir}/logs/" in out and "working directory, which Ray deletes" not in out
+        assert [json.loads(r)["version"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        assert (run_dir / "final" / "config.json").is_file()
+        job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", out)[1]
+        logs = [job_id if arg == "<job-id>" else arg for arg in commands["logs"]]
+        again = subprocess.run(logs, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and f"logs: {run_dir}/logs/" in again.stdout, again.stdout[-3000:]
     finally:
-        head.terminate()
-        head.wait(timeout=60)
+        server.terminate()
+        server.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

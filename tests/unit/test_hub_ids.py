@@ -49,7 +49,7 @@ def test_an_id_that_does_not_resolve_names_the_key_and_what_to_do(hub, value):
     with pytest.raises(ModelFolderError) as err:
         model_folder(value, "teachers.perception.checkpoint")
     message = str(err.value)
-    assert message.startswith(f"teachers.perception.checkpoint={value} is neither a folder nor a Hugging Face")
+    assert message.startswith(f"teachers.perception.checkpoint={value} is not a folder, nor a Hugging Face")
     assert str(hub.parent) in message and "hf download vigos/" in message and "point teachers" in message
 
 
