@@ -266,6 +266,9 @@ class LearnerConfig:
     micro_token_budget: int = 8192
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # `sharded`: each rank builds the model without memory, shards it, and reads only its own rows of each tensor
+    # from the checkpoint (workers/sharded_start.py). `full`: each rank loads the whole fp32 model, then shards it.
+    load: Literal["sharded", "full"] = "sharded"
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, "learner.workers", f"must be >= 1 (got {self.workers})")

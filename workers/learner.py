@@ -33,6 +33,7 @@ from vigos_ray.models import (
 )
 from vigos_ray.objective import segments, student_loss
 from vigos_ray.scoring import output_head
+from workers.sharded_start import empty_model, init_lora, materialize
 
 
 class LossModule(nn.Module):
@@ -94,11 +95,19 @@ class LearnerWorker:
             torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
         if host == "127.0.0.1":  # a local cluster: keep gloo on loopback too
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=f"tcp://{host}:{port}",
-                                rank=self.rank, world_size=world_size, timeout=timedelta(minutes=10))  # fmt: skip
+        if not dist.is_initialized():  # (a process may build a second learner in the same group: tests)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=world_size,
+                                    timeout=timedelta(minutes=10))  # fmt: skip
         self.world_size = world_size
-        model = load_model(self.model_path, "float32", str(self.device))  # fp32 master weights
-        self.heads = self._teacher_heads(output_head(model).detach().clone())
+        sharded = self.cfg.learner.load == "sharded"
+        if sharded:  # parameters on meta: memory comes after fully_shard, each rank reading its own rows
+            model = empty_model(self.model_path)
+            initial_head = load_output_head(self.model_path, "model.path").to(self.device)
+        else:
+            model = load_model(self.model_path, "float32", str(self.device))  # fp32 master weights
+            initial_head = output_head(model).detach().clone()
+        self.heads = self._teacher_heads(initial_head)
         if self.cfg.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora_scaling = 0.0
@@ -106,6 +115,10 @@ class LearnerWorker:
             model = self._add_lora(model)
         self.student = model.get_base_model() if self.cfg.learner.lora.enabled else model
         self.module = self._shard(LossModule(self.student, self.cfg, self.vocab_size, self.pad_id, self.heads))
+        if sharded:
+            materialize(self.module, self.student, self.model_path, self.device)
+        if self.cfg.learner.lora.enabled:
+            init_lora(self.student, self.cfg.run.seed)
         trainable = [p for p in self.module.parameters() if p.requires_grad]
         lc = self.cfg.learner
         self.optimizer = torch.optim.AdamW(trainable, lr=lc.lr, weight_decay=lc.weight_decay, betas=(0.9, 0.999))
@@ -289,6 +302,18 @@ class LearnerWorker:
         """log p(ids[t] | ids[:t]) for t >= 1 under the current weights (a collective: call on every rank)."""
         self.module.eval()
         return self.module(torch.tensor([ids], device=self.device)).tolist()
+
+    def state_checksums(self) -> dict[str, str] | None:
+        """Checksum of every parameter (LoRA adapters unmerged) and buffer of the whole student, by its name in the
+        module; a collective (each parameter is gathered), the dict on rank 0, None elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.module, options=options)
+        if self.rank != 0:
+            return None
+        state.update({name: b for name, b in self.module.named_buffers()})  # non-persistent ones too (inv_freq)
+        return {name: tensor_checksum(t) for name, t in state.items()}
 
     def head_checksums(self) -> dict[str, str]:
         by_tensor = {id(h): tensor_checksum(h) for h in self.heads.values()}  # segments often share one head

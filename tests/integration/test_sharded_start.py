@@ -1,0 +1,69 @@
+"""The learner's sharded start-up (parameters on meta, each rank reading its own rows from the safetensors) gives
+exactly what the full load gives: every parameter, LoRA adapter and buffer, and the log-probs of a probe, at 1 rank
+(this process) and 2 ranks (Ray tasks sharing one gloo group), with and without LoRA."""
+
+from __future__ import annotations
+
+import pytest
+
+from vigos_ray.config import load_config
+from vigos_ray.weight_sync import free_port
+
+pytestmark = pytest.mark.integration
+PROBE = list(range(20, 70))
+LORA = ["learner.lora.enabled=true", "learner.lora.r=4", "learner.lora.alpha=8", "learner.lora.dropout=0.0"]
+
+
+def build_both(model_path: str, rank: int, world: int, host: str, port: int) -> list[tuple]:
+    """On one rank of `world`: for no LoRA and LoRA, a full-load and a sharded learner in one gloo group; per
+    build (checksums of the whole student on rank 0, probe log-probs, checksum of each rank's local shards)."""
+    import torch
+
+    from workers.learner import LearnerWorker
+
+    out = []
+    for extra in ([], LORA):
+        for load in ("full", "sharded"):
+            overrides = [f"model.path={model_path}", f"learner.workers={world}", f"learner.load={load}", *extra]
+            cfg = load_config(overrides=[*overrides, "learner.gradient_checkpointing=true"])
+            learner = LearnerWorker(cfg, model_path, worker_index=rank)
+            learner.join(host, port, world)
+            shards = {n: p.to_local().clone() for n, p in learner.module.named_parameters()}
+            out.append((learner.state_checksums(), learner.token_logprobs(PROBE), shards))
+            heads = {name: torch.equal(h, learner.heads[name]) for name, h in learner.heads.items()}
+            assert all(heads.values())
+            if extra and load == "sharded":
+                learner.shutdown()  # the group goes with the last build
+    return out
+
+
+def assert_same(builds: list[tuple]) -> None:
+    """Full and sharded builds (no LoRA, then LoRA) are bit-identical."""
+    import torch
+
+    for full, sharded in (builds[0:2], builds[2:4]):
+        assert full[0] == sharded[0] and len(full[0]) > 50  # every parameter and buffer, by checksum
+        assert full[1] == sharded[1]  # probe log-probs, exactly
+        assert full[2].keys() == sharded[2].keys()
+        assert all(torch.equal(full[2][n], sharded[2][n]) for n in full[2])  # each rank's own shard
+    lora = builds[3][0]
+    assert any(".lora_A." in n for n in lora) and any("inv_freq" in n for n in lora)
+    assert builds[0][1] == builds[2][1]  # LoRA starts as the identity (B = 0)
+
+
+def test_one_rank_sharded_start_up_equals_the_full_load(tiny_fast):
+    builds = build_both(str(tiny_fast), 0, 1, "127.0.0.1", free_port("127.0.0.1"))
+    assert_same(builds)
+
+
+def test_two_ranks_sharded_start_up_equals_the_full_load_on_every_rank(ray_cluster, tiny_fast):
+    import ray
+
+    task = ray.remote(num_cpus=1)(build_both)
+    port = free_port("127.0.0.1")
+    ranks = ray.get([task.remote(str(tiny_fast), r, 2, "127.0.0.1", port) for r in range(2)], timeout=600)
+    for builds in ranks:
+        assert_same([(b[0] if b[0] is not None else ranks[0][i][0], *b[1:]) for i, b in enumerate(builds)])
+    assert ranks[0][3][2].keys() == ranks[1][3][2].keys()
+    embed = next(n for n in ranks[0][3][2] if "embed_tokens" in n)
+    assert ranks[0][3][2][embed].shape[0] + ranks[1][3][2][embed].shape[0] == 640  # rows split across the ranks
