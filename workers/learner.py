@@ -35,22 +35,25 @@ from vigos_ray.objective import segments, student_loss
 from vigos_ray.scoring import output_head
 from workers.sharded_start import empty_model, init_lora, materialize
 
+STUDENT_HEAD = object()  # a teacher head that is the student's own frozen head (LoRA): read in place, no copy
+
 
 class LossModule(nn.Module):
     """The student with its loss as `forward`, so that the root FSDP unit gathers the output head for the loss."""
 
-    def __init__(self, student: nn.Module, cfg: Config, vocab_size: int, pad_id: int, heads: dict[str, torch.Tensor]):
+    def __init__(self, student: nn.Module, cfg: Config, vocab_size: int, pad_id: int, heads: dict[str, Any]):
         super().__init__()
         self.student, self.cfg, self.vocab_size, self.pad_id = student, cfg, vocab_size, pad_id
-        self.teacher_heads = heads  # frozen, not parameters: never sharded, never trained
+        self.teacher_heads = heads  # frozen, not parameters: never sharded, never trained; or STUDENT_HEAD
 
     def forward(self, micro: MicroBatch | torch.Tensor, global_counts: dict | None = None, world_size: int = 1):
         """(weighted loss, stats) of a micro-batch, or, given token ids [1, T], their next-token log-probs [T-1]:
         every use of the weights goes through here, so that FSDP's root hooks gather what it holds."""
         if isinstance(micro, torch.Tensor):
             return next_token_logprobs(self.student, micro)
-        loss, stats = student_loss(self.student, micro.plan, micro.targets, self.cfg, self.vocab_size,
-                                   self.teacher_heads, global_counts, world_size, self.pad_id)  # fmt: skip
+        heads = {name: output_head(self.student) if h is STUDENT_HEAD else h for name, h in self.teacher_heads.items()}
+        loss, stats = student_loss(self.student, micro.plan, micro.targets, self.cfg, self.vocab_size, heads,
+                                   global_counts, world_size, self.pad_id)  # fmt: skip
         return loss * micro.weight, stats
 
 
@@ -101,19 +104,15 @@ class LearnerWorker:
                                     timeout=timedelta(minutes=10))  # fmt: skip
         self.world_size = world_size
         sharded = self.cfg.learner.load == "sharded"
-        if sharded:  # parameters on meta: memory comes after fully_shard, each rank reading its own rows
-            model = empty_model(self.model_path)
-            initial_head = load_output_head(self.model_path, "model.path").to(self.device)
-        else:
-            model = load_model(self.model_path, "float32", str(self.device))  # fp32 master weights
-            initial_head = output_head(model).detach().clone()
-        self.heads = self._teacher_heads(initial_head)
+        # sharded: parameters on meta, memory comes after fully_shard (each rank reads its own rows); full: fp32
+        model = empty_model(self.model_path) if sharded else load_model(self.model_path, "float32", str(self.device))
         if self.cfg.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora_scaling = 0.0
         if self.cfg.learner.lora.enabled:
             model = self._add_lora(model)
         self.student = model.get_base_model() if self.cfg.learner.lora.enabled else model
+        self.heads = self._teacher_heads(copy_loaded=not sharded)
         self.module = self._shard(LossModule(self.student, self.cfg, self.vocab_size, self.pad_id, self.heads))
         if sharded:
             materialize(self.module, self.student, self.model_path, self.device)
@@ -126,16 +125,29 @@ class LearnerWorker:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.trainable = trainable
 
-    def _teacher_heads(self, initial_head: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per segment, the frozen output head of the pool that scores it (`hidden` payloads need it here)."""
-        by_path: dict[str, torch.Tensor] = {}
+    def _teacher_heads(self, copy_loaded: bool) -> dict[str, Any]:
+        """Per segment, the frozen output head of the pool that scores it, which `hidden` payloads need here (other
+        payloads carry the distribution: none). The initial head is the student's own where training never
+        changes it (LoRA without the head): read in place, no copy. Otherwise a copy in `model.dtype`, the
+        precision the teachers apply their heads in, read from the checkpoint (`copy_loaded`: from the student,
+        loaded in full and not yet sharded)."""
+        if self.cfg.teachers.payload != "hidden":
+            return {}
+        dtype = weight_sync.DTYPES[self.cfg.model.dtype]
+        frozen = not output_head(self.student).requires_grad
+        by_path: dict[str, Any] = {}
         heads = {}
         for seg in segments(self.cfg.loss):
-            checkpoint = self.cfg.teachers.pools()[seg.teacher].checkpoint
-            if checkpoint and checkpoint not in by_path:
-                key = f"teachers.{seg.teacher}.checkpoint"
-                by_path[checkpoint] = load_output_head(checkpoint, key).to(self.device)
-            heads[seg.name] = by_path[checkpoint] if checkpoint else initial_head
+            checkpoint = self.cfg.teachers.pools()[seg.teacher].checkpoint or ""
+            if checkpoint not in by_path:
+                if not checkpoint and frozen:
+                    by_path[checkpoint] = STUDENT_HEAD
+                elif not checkpoint and copy_loaded:
+                    by_path[checkpoint] = output_head(self.student).detach().to(dtype, copy=True)
+                else:
+                    key = f"teachers.{seg.teacher}.checkpoint" if checkpoint else "model.path"
+                    by_path[checkpoint] = load_output_head(checkpoint or self.model_path, key).to(self.device, dtype)
+            heads[seg.name] = by_path[checkpoint]
         return heads
 
     def _add_lora(self, model):
@@ -316,7 +328,14 @@ class LearnerWorker:
         return {name: tensor_checksum(t) for name, t in state.items()}
 
     def head_checksums(self) -> dict[str, str]:
-        by_tensor = {id(h): tensor_checksum(h) for h in self.heads.values()}  # segments often share one head
+        """Checksum of each segment's teacher head in `model.dtype`, as the teachers hold it (a collective: a head
+        read in place is gathered)."""
+        by_tensor = {}  # segments often share one head
+        for h in self.heads.values():
+            if id(h) not in by_tensor:
+                w = output_head(self.student).detach() if h is STUDENT_HEAD else h
+                w = w.full_tensor() if hasattr(w, "full_tensor") else w
+                by_tensor[id(h)] = tensor_checksum(w.to(weight_sync.DTYPES[self.cfg.model.dtype]))
         return {name: by_tensor[id(h)] for name, h in self.heads.items()}
 
     def export(self, path: str) -> str | None:

@@ -16,10 +16,8 @@ LORA = ["learner.lora.enabled=true", "learner.lora.r=4", "learner.lora.alpha=8",
 
 def build_both(model_path: str, rank: int, world: int, host: str, port: int) -> list[tuple]:
     """On one rank of `world`: for no LoRA and LoRA, a full-load and a sharded learner in one gloo group; per
-    build (checksums of the whole student on rank 0, probe log-probs, checksum of each rank's local shards)."""
-    import torch
-
-    from workers.learner import LearnerWorker
+    build: checksums of the whole student (rank 0), probe log-probs, its local shards, the teachers' head checksums."""
+    from workers.learner import STUDENT_HEAD, LearnerWorker
 
     out = []
     for extra in ([], LORA):
@@ -29,9 +27,11 @@ def build_both(model_path: str, rank: int, world: int, host: str, port: int) -> 
             learner = LearnerWorker(cfg, model_path, worker_index=rank)
             learner.join(host, port, world)
             shards = {n: p.to_local().clone() for n, p in learner.module.named_parameters()}
-            out.append((learner.state_checksums(), learner.token_logprobs(PROBE), shards))
-            heads = {name: torch.equal(h, learner.heads[name]) for name, h in learner.heads.items()}
-            assert all(heads.values())
+            out.append((learner.state_checksums(), learner.token_logprobs(PROBE), shards, learner.head_checksums()))
+            if extra:  # LoRA leaves the head untrained: the teachers' head is the student's own, read in place
+                assert all(h is STUDENT_HEAD for h in learner.heads.values())
+            else:  # the head trains: one frozen copy shared by the three segments
+                assert len({id(h) for h in learner.heads.values()}) == 1
             if extra and load == "sharded":
                 learner.shutdown()  # the group goes with the last build
     return out
@@ -44,11 +44,13 @@ def assert_same(builds: list[tuple]) -> None:
     for full, sharded in (builds[0:2], builds[2:4]):
         assert full[0] == sharded[0] and len(full[0]) > 50  # every parameter and buffer, by checksum
         assert full[1] == sharded[1]  # probe log-probs, exactly
+        assert full[3] == sharded[3] and len(set(full[3].values())) == 1  # the teachers' head
         assert full[2].keys() == sharded[2].keys()
         assert all(torch.equal(full[2][n], sharded[2][n]) for n in full[2])  # each rank's own shard
     lora = builds[3][0]
     assert any(".lora_A." in n for n in lora) and any("inv_freq" in n for n in lora)
     assert builds[0][1] == builds[2][1]  # LoRA starts as the identity (B = 0)
+    assert builds[0][3] == builds[2][3]  # the head read in place is the head a copy holds
 
 
 def test_one_rank_sharded_start_up_equals_the_full_load(tiny_fast):
