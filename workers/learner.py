@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from vigos_ray.models import (
 )
 from vigos_ray.objective import segments, student_loss
 from vigos_ray.scoring import output_head
-from workers.sharded_start import empty_model, init_lora, materialize
+from workers.sharded_start import CheckpointRows, FrozenHead, empty_model, init_lora, materialize
 
 STUDENT_HEAD = object()  # a teacher head that is the student's own frozen head (LoRA): read in place, no copy
 
@@ -44,14 +45,15 @@ class LossModule(nn.Module):
     def __init__(self, student: nn.Module, cfg: Config, vocab_size: int, pad_id: int, heads: dict[str, Any]):
         super().__init__()
         self.student, self.cfg, self.vocab_size, self.pad_id = student, cfg, vocab_size, pad_id
-        self.teacher_heads = heads  # frozen, not parameters: never sharded, never trained; or STUDENT_HEAD
+        self.teacher_heads = heads  # FrozenHead (gathered by train_step) or STUDENT_HEAD; not parameters
 
     def forward(self, micro: MicroBatch | torch.Tensor, global_counts: dict | None = None, world_size: int = 1):
         """(weighted loss, stats) of a micro-batch, or, given token ids [1, T], their next-token log-probs [T-1]:
         every use of the weights goes through here, so that FSDP's root hooks gather what it holds."""
         if isinstance(micro, torch.Tensor):
             return next_token_logprobs(self.student, micro)
-        heads = {name: output_head(self.student) if h is STUDENT_HEAD else h for name, h in self.teacher_heads.items()}
+        own = output_head(self.student)  # inside the root's forward: gathered whole
+        heads = {name: own if h is STUDENT_HEAD else h.full for name, h in self.teacher_heads.items()}
         loss, stats = student_loss(self.student, micro.plan, micro.targets, self.cfg, self.vocab_size, heads,
                                    global_counts, world_size, self.pad_id)  # fmt: skip
         return loss * micro.weight, stats
@@ -128,27 +130,39 @@ class LearnerWorker:
     def _teacher_heads(self, copy_loaded: bool) -> dict[str, Any]:
         """Per segment, the frozen output head of the pool that scores it, which `hidden` payloads need here (other
         payloads carry the distribution: none). The initial head is the student's own where training never
-        changes it (LoRA without the head): read in place, no copy. Otherwise a copy in `model.dtype`, the
-        precision the teachers apply their heads in, read from the checkpoint (`copy_loaded`: from the student,
-        loaded in full and not yet sharded)."""
+        changes it (LoRA without the head): read in place, nothing held. Otherwise a `FrozenHead` in
+        `model.dtype` (the precision the teachers apply it in), sharded by rows across the ranks and gathered only
+        during a train step: read from the checkpoint, or with `copy_loaded` from the student loaded in full."""
         if self.cfg.teachers.payload != "hidden":
             return {}
         dtype = weight_sync.DTYPES[self.cfg.model.dtype]
-        frozen = not output_head(self.student).requires_grad
+        head = output_head(self.student)
         by_path: dict[str, Any] = {}
         heads = {}
         for seg in segments(self.cfg.loss):
             checkpoint = self.cfg.teachers.pools()[seg.teacher].checkpoint or ""
-            if checkpoint not in by_path:
-                if not checkpoint and frozen:
-                    by_path[checkpoint] = STUDENT_HEAD
-                elif not checkpoint and copy_loaded:
-                    by_path[checkpoint] = output_head(self.student).detach().to(dtype, copy=True)
-                else:
-                    key = f"teachers.{seg.teacher}.checkpoint" if checkpoint else "model.path"
-                    by_path[checkpoint] = load_output_head(checkpoint or self.model_path, key).to(self.device, dtype)
+            if checkpoint in by_path:
+                pass
+            elif checkpoint:
+                key = f"teachers.{seg.teacher}.checkpoint"
+                by_path[checkpoint] = FrozenHead.from_tensor(load_output_head(checkpoint, key).to(self.device), dtype)
+            elif not head.requires_grad:
+                by_path[checkpoint] = STUDENT_HEAD
+            elif copy_loaded:
+                by_path[checkpoint] = FrozenHead.from_tensor(head.detach(), dtype)
+            else:
+                name = next(n for n, p in self.student.named_parameters() if p is head)
+                rows = CheckpointRows(self.model_path, self.student)
+                by_path[checkpoint] = FrozenHead.from_checkpoint(rows, name, head.shape, dtype, self.device)
             heads[seg.name] = by_path[checkpoint]
         return heads
+
+    def _gathered_heads(self) -> ExitStack:
+        """Every sharded frozen head gathered whole until the returned context exits (a collective)."""
+        stack = ExitStack()
+        for head in {id(h): h for h in self.heads.values() if isinstance(h, FrozenHead)}.values():
+            stack.enter_context(head.gathered())
+        return stack
 
     def _add_lora(self, model):
         from peft import LoraConfig, get_peft_model
@@ -175,20 +189,21 @@ class LearnerWorker:
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, sums = 0.0, {}
-        for micro in batch.micro:
-            if self.device.type != "cpu":
-                micro.targets = {k: [t.to(self.device) for t in v] for k, v in micro.targets.items()}
-            loss, stats = self.module(micro, batch.global_counts, batch.world_size)
-            loss.backward()
-            loss_sum += float(loss.detach())
-            for name, s in stats.items():
-                acc = sums.setdefault(name, {"loss": 0.0, "divergence": 0.0, "clipped": 0.0, "tokens": 0})
-                if micro.weight == 0.0:
-                    continue
-                acc["loss"] += s.loss
-                acc["divergence"] += s.divergence * s.tokens
-                acc["clipped"] += s.clipped * s.tokens
-                acc["tokens"] += s.tokens
+        with self._gathered_heads():
+            for micro in batch.micro:
+                if self.device.type != "cpu":
+                    micro.targets = {k: [t.to(self.device) for t in v] for k, v in micro.targets.items()}
+                loss, stats = self.module(micro, batch.global_counts, batch.world_size)
+                loss.backward()
+                loss_sum += float(loss.detach())
+                for name, s in stats.items():
+                    acc = sums.setdefault(name, {"loss": 0.0, "divergence": 0.0, "clipped": 0.0, "tokens": 0})
+                    if micro.weight == 0.0:
+                        continue
+                    acc["loss"] += s.loss
+                    acc["divergence"] += s.divergence * s.tokens
+                    acc["clipped"] += s.clipped * s.tokens
+                    acc["tokens"] += s.tokens
         clip = self.cfg.learner.grad_clip if self.cfg.learner.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -331,11 +346,12 @@ class LearnerWorker:
         """Checksum of each segment's teacher head in `model.dtype`, as the teachers hold it (a collective: a head
         read in place is gathered)."""
         by_tensor = {}  # segments often share one head
-        for h in self.heads.values():
-            if id(h) not in by_tensor:
-                w = output_head(self.student).detach() if h is STUDENT_HEAD else h
-                w = w.full_tensor() if hasattr(w, "full_tensor") else w
-                by_tensor[id(h)] = tensor_checksum(w.to(weight_sync.DTYPES[self.cfg.model.dtype]))
+        with self._gathered_heads():
+            for h in self.heads.values():
+                if id(h) not in by_tensor:
+                    w = output_head(self.student).detach() if h is STUDENT_HEAD else h.full
+                    w = w.full_tensor() if hasattr(w, "full_tensor") else w
+                    by_tensor[id(h)] = tensor_checksum(w.to(weight_sync.DTYPES[self.cfg.model.dtype]))
         return {name: by_tensor[id(h)] for name, h in self.heads.items()}
 
     def export(self, path: str) -> str | None:

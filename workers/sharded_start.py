@@ -2,9 +2,10 @@
 
 The student is built with its parameters on the meta device (buffers such as the rotary `inv_freq` are computed
 as usual: they are small and no checkpoint holds them), cut by `fully_shard`, and only then given memory: each rank
-reads from the checkpoint's safetensors just the rows of each parameter that its shard holds (`get_slice`, no full
-tensor is read). LoRA adapters are initialised from a generator seeded by the run's seed and the parameter's
-name, so every rank draws the same full matrix and keeps its rows, and a full load gives the same values.
+reads from the checkpoint's safetensors just the rows of each parameter that its shard holds, straight into the
+shard's memory (no full tensor is read, no file is memory-mapped). LoRA adapters are initialised from a generator
+seeded by the run's seed and the parameter's name, so every rank draws the same full matrix and keeps its rows,
+and a full load gives the same values.
 """
 
 from __future__ import annotations
@@ -50,16 +51,12 @@ def empty_model(path: str | Path) -> nn.Module:
 
 def shard_rows(param: torch.Tensor) -> tuple[int, int]:
     """The rows [start, stop) of dim 0 that this rank's shard of `param` holds (FSDP2's Shard(0): torch.chunk)."""
-    n = param.shape[0]
     if not hasattr(param, "to_local"):  # not sharded
-        return 0, n
-    world, rank = dist.get_world_size(), dist.get_rank()
-    chunk = math.ceil(n / world)
-    start = min(rank * chunk, n)
-    stop = min(start + chunk, n)
+        return 0, param.shape[0]
+    start, stop, _ = _row_range(param.shape[0])
     held = param.to_local().shape[0]
     if held != stop - start:
-        raise RuntimeError(f"shard of {tuple(param.shape)} on rank {rank}: {held} rows, expected {stop - start}")
+        raise RuntimeError(f"shard of {tuple(param.shape)} on rank {dist.get_rank()}: {held} rows, not {stop - start}")
     return start, stop
 
 
@@ -67,35 +64,51 @@ def local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if hasattr(param, "to_local") else param
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
 class CheckpointRows:
     """Rows of a checkpoint's tensors by the model's parameter names (transformers' renaming of older layouts, such
-    as Qwen2.5-VL's `model.layers.*` for `model.language_model.layers.*`, applied to the checkpoint's keys)."""
+    as Qwen2.5-VL's `model.layers.*` for `model.language_model.layers.*`, applied to the checkpoint's keys).
+
+    Rows of a row-major tensor are one byte range of its safetensors file: they are read with `readinto` straight
+    into the destination (through one buffer of the rows' size where the dtype or device differs), not through
+    a memory map, so the file's pages never count in this process's memory."""
 
     def __init__(self, folder: str | Path, model: nn.Module):
-        from safetensors import safe_open
-
         folder = Path(folder)
         index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            by_key = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            by_key = {}
-            for file in sorted(folder.glob("*.safetensors")):
-                with safe_open(str(file), framework="pt") as f:
-                    by_key.update(dict.fromkeys(f.keys(), file))
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() \
+            else sorted(folder.glob("*.safetensors"))  # fmt: skip
         rename = _renamer(model)
-        self.where = {rename(k): (k, file) for k, file in by_key.items()}
-        self.files: dict[Path, object] = {}
+        self.where: dict[str, tuple[Path, torch.dtype, list[int], int]] = {}
+        for file in files:
+            with file.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    begin = 8 + size + entry["data_offsets"][0]
+                    self.where[rename(key)] = (file, SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], begin)
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        from safetensors import safe_open
-
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Rows [start, stop) of tensor `name` (dim 0) into `out`, cast to its dtype and device."""
         if name not in self.where:
-            raise KeyError(f"{name} is not in the checkpoint (keys read as {sorted(self.where)[:4]}...)")
-        key, file = self.where[name]
-        if file not in self.files:
-            self.files[file] = safe_open(str(file), framework="pt")
-        return self.files[file].get_slice(key)[start:stop]
+            raise KeyError(f"{name} is not in the checkpoint (it holds {sorted(self.where)[:3]}...)")
+        file, dtype, shape, offset = self.where[name]
+        if list(out.shape) != [stop - start, *shape[1:]]:
+            raise ValueError(f"{name}: rows {start}:{stop} of {shape} do not fit a tensor of {tuple(out.shape)}")
+        direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+        buf = out if direct else torch.empty(tuple(out.shape), dtype=dtype)
+        row_bytes = buf[0].numel() * buf.element_size() if len(buf) else 0
+        with file.open("rb", buffering=0) as f:
+            f.seek(offset + start * row_bytes)
+            view = memoryview(buf.view(-1).view(torch.uint8).numpy())
+            if f.readinto(view) != len(view):
+                raise OSError(f"{file} ended inside {name}")
+        if not direct:
+            out.copy_(buf)
 
 
 def _renamer(model: nn.Module):
@@ -126,7 +139,7 @@ def materialize(module: nn.Module, student: nn.Module, folder: str | Path, devic
             continue
         start, stop = shard_rows(param)
         if stop > start:
-            local(param).copy_(checkpoint.rows(name.replace(".base_layer.", "."), start, stop))
+            checkpoint.read_into(name.replace(".base_layer.", "."), start, stop, local(param))
 
 
 def lora_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -146,3 +159,46 @@ def init_lora(student: nn.Module, seed: int) -> None:
         if ".lora_A." in name or ".lora_B." in name:
             start, stop = shard_rows(param)
             local(param).copy_(lora_init(name, tuple(param.shape), seed)[start:stop].to(param.dtype))
+
+
+class FrozenHead:
+    """A frozen output head [V', d] held as this rank's rows (`torch.chunk` of dim 0, padded to equal size), gathered
+    whole only while a train step uses it (`gathered`): at rest a rank holds 1/world of it."""
+
+    def __init__(self, rows: torch.Tensor, total_rows: int):
+        self.rows, self.total_rows = rows, total_rows
+        self.full: torch.Tensor | None = None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: CheckpointRows, name: str, shape, dtype, device) -> FrozenHead:
+        start, stop, chunk = _row_range(shape[0])
+        rows = torch.zeros((chunk, *shape[1:]), dtype=dtype, device=device)
+        if stop > start:
+            checkpoint.read_into(name, start, stop, rows[: stop - start])
+        return cls(rows, shape[0])
+
+    @classmethod
+    def from_tensor(cls, full: torch.Tensor, dtype) -> FrozenHead:
+        start, stop, chunk = _row_range(full.shape[0])
+        rows = torch.zeros((chunk, *full.shape[1:]), dtype=dtype, device=full.device)
+        rows[: stop - start] = full[start:stop]
+        return cls(rows, full.shape[0])
+
+    @contextmanager
+    def gathered(self) -> Iterator[None]:
+        """`self.full` is the whole head inside (a collective: every rank enters)."""
+        parts = [torch.empty_like(self.rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, self.rows)
+        self.full = torch.cat(parts)[: self.total_rows]
+        del parts
+        try:
+            yield
+        finally:
+            self.full = None
+
+
+def _row_range(n: int) -> tuple[int, int, int]:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    chunk = math.ceil(n / world)
+    start = min(rank * chunk, n)
+    return start, min(start + chunk, n), chunk

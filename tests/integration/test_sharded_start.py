@@ -30,8 +30,9 @@ def build_both(model_path: str, rank: int, world: int, host: str, port: int) -> 
             out.append((learner.state_checksums(), learner.token_logprobs(PROBE), shards, learner.head_checksums()))
             if extra:  # LoRA leaves the head untrained: the teachers' head is the student's own, read in place
                 assert all(h is STUDENT_HEAD for h in learner.heads.values())
-            else:  # the head trains: one frozen copy shared by the three segments
-                assert len({id(h) for h in learner.heads.values()}) == 1
+            else:  # the head trains: one frozen copy for the three segments, this rank holding its rows of it
+                (head,) = {id(h): h for h in learner.heads.values()}.values()
+                assert head.rows.shape[0] == -(-640 // world) and head.full is None
             if extra and load == "sharded":
                 learner.shutdown()  # the group goes with the last build
     return out
