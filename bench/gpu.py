@@ -22,14 +22,11 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0} 
 def qwen25vl_3b():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
-                     "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
-                     "max_position_embeddings": 128000, "rope_theta": 1e6, "tie_word_embeddings": True},
-        vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                       "out_hidden_size": 2048, "fullatt_block_indexes": [7, 15, 23, 31]},
-    )  # fmt: skip
-    return Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype="bfloat16")
+    from vigos_ray.tiny import QWEN25VL_3B
+
+    config = Qwen2_5_VLConfig(text_config=QWEN25VL_3B["text"], vision_config=QWEN25VL_3B["vision"],
+                              tie_word_embeddings=QWEN25VL_3B["tie_word_embeddings"])  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype="bfloat16")
 
 
 def main() -> None:

@@ -280,8 +280,9 @@ class LearnerConfig:
         _require(self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
         _require(self.grad_clip >= 0, "learner.grad_clip", f"must be >= 0 (got {self.grad_clip}); 0 disables it")
         _require(self.micro_token_budget >= 64, "learner.micro_token_budget", "must be >= 64")
-        if self.num_gpus > 0:
-            _require(self.num_gpus == int(self.num_gpus), "learner.num_gpus", "must be a whole number on GPUs")
+        if self.num_gpus > 0 and self.workers > 1:  # one rank may share a GPU (a one-GPU machine); NCCL ranks not
+            whole = f"must be a whole number with learner.workers={self.workers} (NCCL needs a GPU per rank)"
+            _require(self.num_gpus == int(self.num_gpus), "learner.num_gpus", whole)
 
 
 @dataclass

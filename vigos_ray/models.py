@@ -51,6 +51,16 @@ def model_folder(value: str | Path, key: str, download: bool = True) -> Path:
     return path
 
 
+def on_this_node(model_path: str | Path, cfg) -> Path:
+    """The student's folder on the node an actor runs on: `model_path` as the driver resolved it where this node
+    has it; where it does not (another node, its own hub cache) and `model.path` is a hub id, the id resolved
+    through this node's cache (downloaded once when online)."""
+    path = Path(model_path)
+    if path.exists() or not cfg.model.path or not MODEL_ID.match(cfg.model.path):
+        return path
+    return model_folder(cfg.model.path, "model.path")
+
+
 def check_model_folder(path: Path, key: str = "model.path") -> dict[str, Any]:
     """Fail early, naming the key, if `path` is not a Qwen-VL checkpoint folder; returns its config dict."""
     if not path.is_dir():

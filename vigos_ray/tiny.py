@@ -127,10 +127,37 @@ def _padded_vocab(n: int) -> int:
     return (n + 64 + 127) // 128 * 128
 
 
+# The Qwen2.5-VL-3B-Instruct architecture (its config.json), for random-weight folders of the real size.
+QWEN25VL_3B = {
+    "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+             "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}},
+    "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
+               "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112, "patch_size": 14,
+               "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "tie_word_embeddings": True,
+}  # fmt: skip
+
+
+def tiny_architecture(vocab_size: int, hidden: int = 64, layers: int = 2) -> dict:
+    head_dim = 32  # vLLM's CPU attention needs head_dim >= 32
+    text = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+            "num_attention_heads": hidden // head_dim, "num_key_value_heads": 1, "vocab_size": vocab_size,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+            # multimodal RoPE: temporal/height/width sections sum to head_dim / 2
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}}  # fmt: skip
+    vision = {"depth": 2, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_heads": hidden // head_dim,
+              "out_hidden_size": hidden, "fullatt_block_indexes": [1], "window_size": 112, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
+    return {"text": text, "vision": vision, "tie_word_embeddings": False}
+
+
 def build_tiny_model(
-    out_dir: str | Path, kind: TinyKind = "fast", seed: int = 0, hidden: int = 64, layers: int = 2
-) -> Path:
-    """Write a tiny Qwen2.5-VL folder (random weights from `seed`, `layers` text layers) to `out_dir`."""
+    out_dir: str | Path, kind: TinyKind = "fast", seed: int = 0, hidden: int = 64, layers: int = 2,
+    architecture: dict | None = None, dtype: str = "float32", device: str = "cpu",
+) -> Path:  # fmt: skip
+    """Write a random-weight Qwen2.5-VL folder (weights from `seed`) to `out_dir`: the tiny architecture of width
+    `hidden` and `layers` text layers, or `architecture` (e.g. QWEN25VL_3B), built in `dtype` on `device`."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -139,45 +166,23 @@ def build_tiny_model(
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(kind)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    head_dim = 32  # vLLM's CPU attention needs head_dim >= 32
-    text = dict(
-        vocab_size=_padded_vocab(len(tokenizer)),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // head_dim,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        # multimodal RoPE: temporal/height/width sections sum to head_dim / 2
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
-    vision = dict(
-        depth=2,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_heads=hidden // head_dim,
-        out_hidden_size=hidden,
-        fullatt_block_indexes=[1],
-        window_size=112,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
+    arch = architecture or tiny_architecture(_padded_vocab(len(tokenizer)), hidden, layers)
+    if arch["text"]["vocab_size"] < len(tokenizer):
+        raise ValueError(f"a vocabulary of {arch['text']['vocab_size']} rows cannot hold {len(tokenizer)} tokens")
+    special = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+               "pad_token_id": ids["<|endoftext|>"]}  # fmt: skip
     config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
+        text_config={**arch["text"], **special},
+        vision_config=arch["vision"],
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=arch["tie_word_embeddings"],
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=448 * 448, patch_size=14, merge_size=2)

@@ -29,6 +29,7 @@ from vigos_ray.models import (
     load_output_head,
     load_processor,
     next_token_logprobs,
+    on_this_node,
     tensor_checksum,
     write_model_folder,
 )
@@ -75,6 +76,7 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 class LearnerWorker:
     def __init__(self, cfg: Config, model_path: str | Path, worker_index: int = 0):
+        model_path = on_this_node(model_path, cfg)  # a hub id's snapshot on this node
         self.cfg, self.model_path, self.rank = cfg, str(model_path), worker_index
         self.threads = use_cpu_threads(cfg, "learner", cfg.learner.num_gpus > 0)
         self.version = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from vigos_ray.cluster import use_cpu_threads
 from vigos_ray.config import Config
 from vigos_ray.data import Sample
-from vigos_ray.models import load_model, load_processor, next_token_logprobs, sampling_token_ids
+from vigos_ray.models import load_model, load_processor, next_token_logprobs, on_this_node, sampling_token_ids
 from vigos_ray.prompts import encode, student_text
 from vigos_ray.sampling import banned_rows, hf_rollouts, make_rollout, sample_seed
 from vigos_ray.types import Rollout
@@ -53,6 +53,7 @@ class FullPushNeeded(WeightSyncError):
 
 class RolloutWorker:
     def __init__(self, cfg: Config, model_path: str | Path, worker_index: int = 0):
+        model_path = on_this_node(model_path, cfg)  # a hub id's snapshot on this node
         self.cfg, self.model_path, self.worker_index = cfg, str(model_path), worker_index
         self.threads = use_cpu_threads(cfg, "rollout", cfg.rollout.num_gpus > 0)  # before the engine pins them
         self.processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vigos_ray.cluster import use_cpu_threads
 from vigos_ray.config import Config
-from vigos_ray.models import load_model, load_processor, model_folder, tensor_checksum
+from vigos_ray.models import load_model, load_processor, model_folder, on_this_node, tensor_checksum
 from vigos_ray.scoring import output_head, pool_targets
 from vigos_ray.types import ScoreRow, TeacherTargets
 
@@ -22,7 +22,7 @@ class TeacherWorker:
         self.pool = cfg.teachers.pools()[role]
         self.threads = use_cpu_threads(cfg, "teachers", self.pool.num_gpus > 0)
         checkpoint, key = self.pool.checkpoint, f"teachers.{role}.checkpoint"
-        path = model_folder(checkpoint, key) if checkpoint else Path(model_path)  # a hub id resolves on this node
+        path = model_folder(checkpoint, key) if checkpoint else on_this_node(model_path, cfg)  # hub ids: this node's
         self.model = load_model(path, cfg.model.dtype, "cuda" if self.pool.num_gpus > 0 else "cpu")
         self.model.requires_grad_(False)
         tokenizer = load_processor(path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer

@@ -59,6 +59,33 @@ def test_one_rank_sharded_start_up_equals_the_full_load(tiny_fast):
     assert_same(builds)
 
 
+def test_a_checkpoint_of_a_sharded_start_up_resumes_a_full_load_exactly(tiny_fast, tmp_path):
+    """DCP state written by a learner that started sharded (its weights then changed) is read by one that loaded in
+    full, and the two hold the same state."""
+    import torch
+
+    from workers.learner import LearnerWorker
+
+    port = free_port("127.0.0.1")
+    learners = {}
+    for load in ("sharded", "full"):
+        cfg = load_config(overrides=[f"model.path={tiny_fast}", "learner.workers=1", f"learner.load={load}", *LORA])
+        learners[load] = LearnerWorker(cfg, tiny_fast)
+        learners[load].join("127.0.0.1", port, 1)
+    try:
+        with torch.no_grad():  # stand-in for training: every adapter and a base weight move
+            for name, p in learners["sharded"].module.named_parameters():
+                if p.requires_grad or name.endswith("embed_tokens.weight"):
+                    p.to_local().add_(0.01 * torch.randn_like(p.to_local()))
+        learners["sharded"].save_state(str(tmp_path))
+        assert learners["full"].state_checksums() != learners["sharded"].state_checksums()
+        learners["full"].load_state(str(tmp_path))
+        assert learners["full"].state_checksums() == learners["sharded"].state_checksums()
+        assert learners["full"].token_logprobs(PROBE) == learners["sharded"].token_logprobs(PROBE)
+    finally:
+        learners["full"].shutdown()
+
+
 def test_two_ranks_sharded_start_up_equals_the_full_load_on_every_rank(ray_cluster, tiny_fast):
     import ray
 

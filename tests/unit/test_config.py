@@ -62,6 +62,7 @@ def test_saved_config_reloads_identically(tmp_path):
         (["loss.objective=distill"], "'teachers.reference.checkpoint'.*external teacher"),
         (["data.source=files"], "'data.train_files': must list at least one file"),
         (["rollout.tensor_parallel_size=2"], "'rollout.num_gpus': must be >= rollout.tensor_parallel_size=2"),
+        (["learner.workers=2", "learner.num_gpus=0.5"], "'learner.num_gpus': must be a whole number with learner"),
         (["prompts.student=Answer {answer} {problem}"], "'prompts.student': must not show the \\{answer\\}"),
         (["rollout.top_p=[0.9"], "override 'rollout.top_p=\\[0.9' is not valid YAML"),
         (["run.steps"], "not of the form key=value"),
@@ -109,6 +110,12 @@ def test_paper_layout_fits_an_eight_gpu_node():
     check_cluster_resources(cfg, node, [node])  # 2 rollout + 3 teachers + 3 learner ranks = 8 GPUs
     with pytest.raises(ResourceError, match="asks for 8 GPUs"):
         check_cluster_resources(cfg, {"CPU": 64.0, "GPU": 7.0}, [{"CPU": 64.0, "GPU": 7.0}])
+
+
+def test_the_gpu_check_layout_fits_one_gpu():
+    cfg = load_config(CONFIGS[[p.name for p in CONFIGS].index("gpu_check.yaml")])
+    node = {"CPU": 16.0, "GPU": 1.0}
+    check_cluster_resources(cfg, node, [node])  # 0.3 rollout + 3 x 0.1 teachers + 0.3 learner
 
 
 @pytest.mark.parametrize("objective", ["vigos", "opsd", "distill"])

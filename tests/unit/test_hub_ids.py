@@ -64,3 +64,17 @@ def test_teacher_checkpoints_by_id_are_checked_before_any_actor_and_a_teacher_ac
     missing = load_config(overrides=[f"model.path={tiny_fast}", "teachers.perception.checkpoint=vigos/none"])
     with pytest.raises(ModelFolderError, match="teachers.perception.checkpoint=vigos/none"):
         check_teacher_checkpoints(missing, student)
+
+
+def test_an_actor_whose_node_lacks_the_drivers_snapshot_resolves_the_student_id_on_its_own(hub, tmp_path):
+    from vigos_ray.models import on_this_node
+    from workers.teacher import TeacherWorker
+
+    cfg = load_config(overrides=["model.path=vigos/tiny@v1"])
+    drivers = tmp_path / "driver-node" / "hub" / "models--vigos--tiny" / "snapshots" / COMMITS["v1"]  # not here
+    here = hub / "snapshots" / COMMITS["v1"]
+    assert on_this_node(drivers, cfg) == here and on_this_node(here, cfg) == here
+    folder_cfg = load_config(overrides=[f"model.path={tmp_path}/a-folder"])  # a folder is never re-resolved
+    assert on_this_node(drivers, folder_cfg) == drivers
+    teacher = TeacherWorker(cfg, drivers, "reasoning")  # loads this node's snapshot
+    assert teacher.vocab_size == len(load_processor(here, 3136, 12544).tokenizer)
