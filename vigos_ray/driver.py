@@ -7,7 +7,9 @@ every rollout carries the version it was sampled with, and no step trains on a r
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -93,8 +95,9 @@ def run(cfg: Config, log_dir: Path | None = None) -> Path:
             if start.step >= cfg.run.steps:
                 log.info("the run is already complete (run.steps=%d); writing final/ again", cfg.run.steps)
         metrics = Metrics(cfg, run_dir, from_step=start.step if start else 0)
+        mark = stage_file(log_dir / "stage") if log_dir else None
         with metrics, Preemption(cfg.checkpoint.grace_s, DrainWatch(pipe.critical_nodes())) as preemption:
-            train(cfg, pipe, processor, prompts, metrics.write, start, checkpoints, preemption, held_out)
+            train(cfg, pipe, processor, prompts, metrics.write, start, checkpoints, preemption, held_out, mark)
         final = pipe.export(run_dir / "final")
         log.info("trained %d steps; model written to %s, metrics to %s", cfg.run.steps, final, metrics.path)
     finally:
@@ -112,16 +115,20 @@ def train(
     checkpoints: Checkpointer | None = None,
     preemption: Preemption | None = None,
     held_out: list | None = None,
+    mark: Callable[[int, str], None] | None = None,
 ) -> None:
     """Steps `start.step`..`run.steps`-1 through `pipe`; `on_step` gets each step's metrics after its weight push
     (with `eval/*` numbers on `held_out` items every `eval.every_steps` steps). A step ends with a checkpoint when
-    one is due, at the last step, and after a preemption notice (then raises)."""
+    one is due, at the last step, and after a preemption notice (then raises). `mark(step, stage)` is told each
+    stage as it starts (`launch/chaos.py` reads it to say where a fault hit)."""
+    mark = mark or (lambda step, stage: None)
     table = TokenTable.for_tokenizer(processor.tokenizer)
     ahead = cfg.run.max_staleness if cfg.run.mode == "async" else 0
     first = start.step if start else 0
     inflight = deque((s, Ready(r)) for s, r in start.inflight) if start else deque()  # (samples, rollouts)
     for step in (bar := progress(range(first, cfg.run.steps), desc="train", unit="step", initial=first)):
         t0 = time.perf_counter()
+        mark(step, "rollout")
         while len(inflight) <= ahead and step + len(inflight) < cfg.run.steps:
             samples = prompts.next_batch(cfg.learner.prompts_per_step)
             seed = cfg.run.seed * 1_000_003 + step + len(inflight)
@@ -133,10 +140,13 @@ def train(
         spans = [parse_completion(r.completion_ids, table, cfg.loss.span_convention) for r in rollouts]
         plan = plan_batch(processor, {s.id: s for s in samples}, rollouts, spans, cfg)
         t_plan = time.perf_counter()
+        mark(step, "teachers")
         targets, teacher_s = pipe.score(plan)
         t_score = time.perf_counter()
+        mark(step, "learner")
         ranks = pipe.train(plan, targets)
         t_train = time.perf_counter()
+        mark(step, "push")
         # async + object store: the learner does not wait for the rollout workers to finish sampling and load
         push, _ = pipe.push_weights(wait=not (ahead and cfg.weight_sync.transport == "object_store"))
         stages = {"rollout_wait": t_rollout - t0, "plan": t_plan - t_rollout, "teachers": t_score - t_plan,
@@ -145,6 +155,8 @@ def train(
         record = step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teacher_s, seconds)
         record.update(pipe.pool_metrics())
         record.update({f"data/skipped/{kind}": n for kind, n in sorted(prompts.bad_counts.items())})
+        record.update({"data/epoch": prompts.epoch, "data/position": prompts.position,  # where the stream is
+                       "data/samples": samples_digest(samples)})  # fmt: skip
         if held_out and ((step + 1) % cfg.eval.every_steps == 0 or step + 1 == cfg.run.steps):
             eval_seed = cfg.run.seed * 1_000_003 + 500_000_000 + step  # apart from every training seed
             try:
@@ -158,12 +170,30 @@ def train(
         )
         stop = preemption is not None and preemption.requested
         if checkpoints is not None and (stop or step + 1 == cfg.run.steps or checkpoints.due(step + 1)):
+            mark(step, "checkpoint")
             state = DriverState(step + 1, pipe.version, prompts.state_dict(),
                                 [(s, p.result()) for s, p in inflight])  # fmt: skip
             checkpoints.save(state, pipe.save_learner)
         if stop:
             raise Preempted(f"stopped after step {step} on a preemption notice; the checkpoint is saved")
     pipe.settle()  # the last push is confirmed by every rollout worker
+
+
+def samples_digest(samples) -> int:
+    """The step's sample ids as one number (48 bits of BLAKE2b): two runs trained the same prompts iff equal."""
+    ids = "\n".join(s.id for s in samples).encode()
+    return int.from_bytes(hashlib.blake2b(ids, digest_size=6).digest(), "big")
+
+
+def stage_file(path: Path) -> Callable[[int, str], None]:
+    """A `mark` that keeps "<step> <stage>" in `path`, replaced atomically at each stage."""
+
+    def mark(step: int, stage: str) -> None:
+        part = path.with_suffix(".part")
+        part.write_text(f"{step} {stage}\n")
+        os.replace(part, path)
+
+    return mark
 
 
 def check_staleness(rollouts, learner_version: int, bound: int) -> None:

@@ -30,7 +30,11 @@ from workers.rollout import FullPushNeeded, RolloutWorker, StaleWeightsError
 from workers.teacher import TeacherWorker
 
 log = logging.getLogger(__name__)
-RESTARTS = 3  # a dead rollout or teacher actor is restarted this many times before the run fails
+# A call (a batch to sample, a push, a scoring call) whose rollout or teacher actor died is retried this many times
+# before the run fails. The actors themselves are restarted however often they die over a run (a long run meets
+# many preemptions of the same worker); a crash loop shows as a call that keeps failing.
+RESTARTS = 3
+FOREVER = -1  # Ray's max_restarts for "always"
 
 
 class Pipeline:
@@ -46,7 +50,7 @@ class Pipeline:
         # A restarted rollout worker is stale, so its calls are not resubmitted blindly: RolloutRequest pushes
         # it the weights first.
         self.rollout = WorkerGroup(RolloutWorker, r.workers, r.num_cpus, r.num_gpus, args, "rollout", timeout, False,
-                                   max_restarts=RESTARTS, log_dir=log_dir)  # fmt: skip
+                                   max_restarts=FOREVER, log_dir=log_dir)  # fmt: skip
         self.teachers = {
             role: TeacherPool(TeacherWorker, pool, (*args, role), f"teacher-{role}", timeout, RESTARTS, log_dir)
             for role, pool in cfg.teacher_pools().items()

@@ -137,27 +137,28 @@ class LearnerWorker:
         during a train step: read from the checkpoint, or with `copy_loaded` from the student loaded in full."""
         if self.cfg.teachers.payload != "hidden":
             return {}
-        dtype = weight_sync.DTYPES[self.cfg.model.dtype]
-        head = output_head(self.student)
-        by_path: dict[str, Any] = {}
+        by_path: dict[str, Any] = {}  # segments scored by one checkpoint share its head
         heads = {}
         for seg in segments(self.cfg.loss):
             checkpoint = self.cfg.teachers.pools()[seg.teacher].checkpoint or ""
-            if checkpoint in by_path:
-                pass
-            elif checkpoint:
-                key = f"teachers.{seg.teacher}.checkpoint"
-                by_path[checkpoint] = FrozenHead.from_tensor(load_output_head(checkpoint, key).to(self.device), dtype)
-            elif not head.requires_grad:
-                by_path[checkpoint] = STUDENT_HEAD
-            elif copy_loaded:
-                by_path[checkpoint] = FrozenHead.from_tensor(head.detach(), dtype)
-            else:
-                name = next(n for n, p in self.student.named_parameters() if p is head)
-                rows = CheckpointRows(self.model_path, self.student)
-                by_path[checkpoint] = FrozenHead.from_checkpoint(rows, name, head.shape, dtype, self.device)
+            if checkpoint not in by_path:
+                by_path[checkpoint] = self._frozen_head(checkpoint, f"teachers.{seg.teacher}.checkpoint", copy_loaded)
             heads[seg.name] = by_path[checkpoint]
         return heads
+
+    def _frozen_head(self, checkpoint: str, key: str, copy_loaded: bool) -> Any:
+        """The head of teacher `checkpoint` ("": the initial student) as `_teacher_heads` describes."""
+        dtype = weight_sync.DTYPES[self.cfg.model.dtype]
+        head = output_head(self.student)
+        if checkpoint:
+            return FrozenHead.from_tensor(load_output_head(checkpoint, key).to(self.device), dtype)
+        if not head.requires_grad:
+            return STUDENT_HEAD
+        if copy_loaded:
+            return FrozenHead.from_tensor(head.detach(), dtype)
+        name = next(n for n, p in self.student.named_parameters() if p is head)
+        rows = CheckpointRows(self.model_path, self.student)
+        return FrozenHead.from_checkpoint(rows, name, head.shape, dtype, self.device)
 
     def _gathered_heads(self) -> ExitStack:
         """Every sharded frozen head gathered whole until the returned context exits (a collective)."""

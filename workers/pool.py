@@ -26,7 +26,8 @@ class TeacherPool:
     def __init__(self, cls: type, cfg: TeacherPoolConfig, args: tuple, name: str, timeout_s: float = 600.0,
                  restarts: int = 3, log_dir: Path | None = None):  # fmt: skip
         self.cfg, self.args, self.name, self.timeout_s = cfg, args, name, timeout_s
-        self.remote_cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=restarts,
+        # restarted however often it dies over a run; one call is resubmitted at most `restarts` times
+        self.remote_cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=-1,
                                      max_task_retries=restarts)(logged(cls, log_dir, name))  # fmt: skip
         self.actors: list = []  # serving
         self.starting: dict = {}  # ready-ref -> (actor, time it was asked for)
