@@ -27,8 +27,6 @@ from vigos_ray.checkpoint import DRIVER_FILE
 
 KINDS = ("rollout", "teacher", "learner", "driver_kill", "driver_term", "checkpoint", "push")
 REPO = Path(__file__).resolve().parents[1]
-
-
 RESTARTING = ("driver_kill", "driver_term", "checkpoint", "learner")  # the driver dies and is started again
 
 
