@@ -211,13 +211,7 @@ def _remember_tree(pid: int, seen: dict, psutil) -> None:
         pass
 
 
-def _alive(pid: int, created: float | None, psutil) -> bool:
-    if psutil is None:
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
+def _alive(pid: int, created: float, psutil) -> bool:
     try:
         p = psutil.Process(pid)
         return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE

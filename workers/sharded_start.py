@@ -118,7 +118,8 @@ def _renamer(model: nn.Module):
 
     transforms = get_model_conversion_mapping(model)
     if any(isinstance(t, WeightConverter) for t in transforms):  # merges or splits tensors: not a row slice
-        raise NotImplementedError(f"{type(model).__name__} converts its checkpoint's tensors; use learner.load=full")
+        raise ValueError(f"learner.load=sharded reads tensors as stored, but {type(model).__name__} converts its "
+                         "checkpoint's tensors when it loads; set learner.load=full")  # fmt: skip
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     meta = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters()}  # names without LoRA
     return lambda key: rename_source_key(key, renamings, [], model.base_model_prefix, meta)[0]
@@ -187,10 +188,13 @@ class FrozenHead:
     @contextmanager
     def gathered(self) -> Iterator[None]:
         """`self.full` is the whole head inside (a collective: every rank enters)."""
-        parts = [torch.empty_like(self.rows) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, self.rows)
-        self.full = torch.cat(parts)[: self.total_rows]
-        del parts
+        if dist.get_world_size() == 1:  # this rank holds every row
+            self.full = self.rows[: self.total_rows]
+        else:
+            parts = [torch.empty_like(self.rows) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, self.rows)
+            self.full = torch.cat(parts)[: self.total_rows]
+            del parts
         try:
             yield
         finally:
