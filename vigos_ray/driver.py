@@ -144,7 +144,7 @@ def train(
         targets, teacher_s = pipe.score(plan)
         t_score = time.perf_counter()
         mark(step, "learner")
-        ranks = pipe.train(plan, targets)
+        ranks = pipe.train(plan, targets, keep=ahead)
         t_train = time.perf_counter()
         mark(step, "push")
         # async + object store: the learner does not wait for the rollout workers to finish sampling and load

@@ -96,20 +96,22 @@ class Pipeline:
     def generate_async(self, samples: Sequence[Sample], seed: int) -> RolloutRequest:
         """Rollouts for `samples`, sampled by whatever weights the workers hold when they get to it."""
         samples = list(samples)
-        return RolloutRequest(self, samples, seed, self.rollout.scatter_async("generate", samples, seed=seed))
+        return RolloutRequest(self, samples, seed, self.version, self.rollout.scatter_async("generate", samples,
+                                                                                             seed=seed))
 
     def generate_with(self, samples: Sequence[Sample], seed: int, decoding: dict) -> Pending:
         """Samples with other decoding (`rollout.*` fields replaced), e.g. held-out evaluation during training."""
         return self.rollout.scatter_async("generate", list(samples), seed=seed, decoding=decoding)
 
-    def recover_rollout_workers(self) -> None:
+    def recover_rollout_workers(self, version: int | None = None) -> None:
         """After a rollout worker died: wait for Ray's restart, re-form the weight-push group (its old member is
-        gone), and push the current weights to every worker, so the restarted one is no longer stale."""
+        gone), and push every worker the current weights (or those of `version`, one the learner keeps: see
+        `train`), so the restarted one is no longer stale."""
         self._unconfirmed = None  # superseded: the push below reaches every worker and is checked
         self.rollout.wait_restarted()
         self._open_sync_group()
         self._full_next = True
-        self.push_weights()
+        self.push_weights(version=version)
 
     def score(self, plan: BatchPlan) -> tuple[dict[str, list], dict[str, float]]:
         """Every segment's rows scored by its teacher pool, all pools at once; (targets, seconds per segment)."""
@@ -127,17 +129,20 @@ class Pipeline:
     def pool_metrics(self) -> dict[str, int]:
         return {f"pool/{role}/{k}": v for role, pool in self.teachers.items() for k, v in pool.status().items()}
 
-    def train(self, plan: BatchPlan, targets: dict[str, list]) -> list[dict]:
-        """One optimizer step on every learner rank; returns each rank's stats."""
+    def train(self, plan: BatchPlan, targets: dict[str, list], keep: int = 0) -> list[dict]:
+        """One optimizer step on every learner rank; returns each rank's stats. `keep`: the learner keeps the
+        trainable weights of this many versions before the new one (async mode: a batch sampled ahead under an
+        older version and lost with its rollout worker is sampled again under that version)."""
         batches = split_batch(plan, targets, len(self.learner.actors), self.cfg.learner.micro_token_budget)
-        results = self.learner.call_each("train_step", batches)
+        results = self.learner.call_each("train_step", batches, keep=keep)
         self.version = results[0]["version"]
         return results
 
-    def push_weights(self, wait: bool = True) -> tuple[PushReport, list[dict]]:
+    def push_weights(self, wait: bool = True, version: int | None = None) -> tuple[PushReport, list[dict]]:
         """Learner weights -> every rollout worker, verified; returns the report (seconds: from the call to the last
         worker's weights loaded) and each worker's receipt. A rollout worker that dies before or during the push
-        breaks it for every member: wait for Ray's restart, re-form the push group and push again.
+        breaks it for every member: wait for Ray's restart, re-form the push group and push again. `version`: an
+        earlier version the learner keeps, instead of the current one.
 
         `wait=False` (async mode, `object_store` transport): return once the learner has put the weights in the
         object store; each rollout worker loads them when its sampling call in flight ends (a worker runs its
@@ -146,7 +151,7 @@ class Pipeline:
         self.settle()
         for attempt in range(RESTARTS + 1):
             try:
-                return self._push_once(wait)
+                return self._push_once(wait, self.version if version is None else version)
             except (RayActorError, PushGroupError, FullPushNeeded) as err:
                 if attempt == RESTARTS:
                     raise
@@ -180,21 +185,21 @@ class Pipeline:
                                                                                report.version):  # fmt: skip
                 raise WeightSyncError(f"rollout worker {receipt['worker']} holds {receipt}, learner sent {report}")
 
-    def _push_once(self, wait: bool = True) -> tuple[PushReport, list[dict]]:
+    def _push_once(self, wait: bool, version: int) -> tuple[PushReport, list[dict]]:
         ws = self.cfg.weight_sync
         bucket = ws.bucket_mb * 2**20
         full = self._full_next or not ws.delta
         specs = self.specs if full else self.delta_specs
         t0 = time.perf_counter()
-        sent = self.learner.call_all_async("push_weights", specs, ws.transport, bucket, full)
+        sent = self.learner.call_all_async("push_weights", specs, ws.transport, bucket, full, version)
         if ws.transport == "collective":
-            got = self.rollout.call_all_async("receive_weights", self.version, specs, ws.transport, bucket,
+            got = self.rollout.call_all_async("receive_weights", version, specs, ws.transport, bucket,
                                               full=full)  # fmt: skip
             report, _ = sent.result()[0]
             receipts = got.result()
         else:
             report, refs = sent.result()[0]
-            got = self.rollout.call_all_async("receive_weights", self.version, specs, ws.transport, bucket,
+            got = self.rollout.call_all_async("receive_weights", version, specs, ws.transport, bucket,
                                               refs=refs, expected=report.checksum, full=full)  # fmt: skip
             if not wait:
                 self._unconfirmed, self._full_next = (got, report), False
@@ -232,20 +237,30 @@ class Pipeline:
 @dataclass
 class RolloutRequest:
     """Rollouts in flight. `result()` survives a rollout worker that died: the same samples are sampled again with
-    the same seed once the restarted worker has the current weights, so no sample is lost or drawn twice."""
+    the same seed, under the weights the request was issued under (`version`: in async mode the learner may have
+    moved on; it keeps those weights), then the workers get the current weights back. No sample is lost or drawn
+    twice, and the rollouts are those the undisturbed run samples."""
 
     pipe: Pipeline
     samples: list[Sample]
     seed: int
+    version: int
     pending: object
 
     def result(self) -> list:
-        for _ in range(RESTARTS):
+        resampled = False
+        for attempt in range(RESTARTS + 1):
             try:
-                return self.pending.result()
+                rollouts = self.pending.result()
+                break
             except (RayActorError, StaleWeightsError) as err:
-                log.warning("a rollout worker failed (%s); restoring its weights and sampling the batch again",
-                            type(err).__name__)  # fmt: skip
-                self.pipe.recover_rollout_workers()
+                if attempt == RESTARTS:
+                    raise
+                log.warning("a rollout worker failed (%s); restoring the weights of version %d and sampling the "
+                            "batch again", type(err).__name__, self.version)  # fmt: skip
+                self.pipe.recover_rollout_workers(self.version)
                 self.pending = self.pipe.rollout.scatter_async("generate", self.samples, seed=self.seed)
-        return self.pending.result()
+                resampled = True
+        if resampled and self.version != self.pipe.version:
+            self.pipe.push_weights()  # the batch is sampled: the workers get the current weights back
+        return rollouts

@@ -138,13 +138,13 @@ class WorkerGroup:
         refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
         return Pending(refs, flat=False, timeout_s=self.timeout_s)
 
-    def call_each(self, method: str, per_actor: Sequence[Any]) -> list[Any]:
-        """`method(per_actor[i])` on actor i, for every actor; results in actor order."""
+    def call_each(self, method: str, per_actor: Sequence[Any], **kwargs) -> list[Any]:
+        """`method(per_actor[i], **kwargs)` on actor i, for every actor; results in actor order."""
         import ray
 
         if len(per_actor) != len(self.actors):
             raise ValueError(f"{len(per_actor)} arguments for {len(self.actors)} actors")
-        refs = [getattr(a, method).remote(x) for a, x in zip(self.actors, per_actor, strict=True)]
+        refs = [getattr(a, method).remote(x, **kwargs) for a, x in zip(self.actors, per_actor, strict=True)]
         return ray.get(refs, timeout=self.timeout_s)
 
     def scatter_async(self, method: str, items: Sequence, cost: Sequence[int] | None = None, **kwargs) -> Pending:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import ExitStack
+from collections import deque
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class LearnerWorker:
         self.cfg, self.model_path, self.rank = cfg, str(model_path), worker_index
         self.threads = use_cpu_threads(cfg, "learner", cfg.learner.num_gpus > 0)
         self.version = 0
+        self.kept: deque = deque(maxlen=0)  # (version, trainable tensors) of recent versions (`train_step`'s keep)
         self.sync = None  # the weight-push group (rank 0 only)
         self.sent: dict[str, str] = {}  # digest of every tensor the rollout workers should hold (rank 0 only)
         self.device = torch.device("cuda" if cfg.learner.num_gpus > 0 else "cpu")
@@ -186,9 +188,16 @@ class LearnerWorker:
         fully_shard(module, mp_policy=policy)  # the root: embeddings, final norm, vision merger, output head
         return module
 
-    def train_step(self, batch: TrainBatch) -> dict:
-        """Forward/backward every micro-batch, clip, step; returns this rank's loss and per-segment stats."""
+    def train_step(self, batch: TrainBatch, keep: int = 0) -> dict:
+        """Forward/backward every micro-batch, clip, step; returns this rank's loss and per-segment stats. `keep`:
+        keep this rank's shard of the trainable weights of the `keep` versions before the new one, for
+        `push_weights(version=...)` (async mode: LoRA's adapters, or one trainable shard per version in full
+        fine-tuning)."""
         t0 = time.perf_counter()
+        if self.kept.maxlen != keep:
+            self.kept = deque(self.kept, maxlen=keep)
+        if keep:
+            self.kept.append((self.version, [p.detach().clone() for p in self.trainable]))
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, sums = 0.0, {}
@@ -245,6 +254,7 @@ class LearnerWorker:
         meta = torch.load(Path(path) / "learner_meta.pt", weights_only=True)
         self.scheduler.load_state_dict(meta["scheduler"])
         self.version = meta["version"]
+        self.kept.clear()  # versions of the run before the restore
         return self.version
 
     # ---- weights ---------------------------------------------------------------------------------------------
@@ -308,10 +318,38 @@ class LearnerWorker:
         if self.rank == 0:
             self.sync = weight_sync.SyncGroup(host, port, 0, world_size, self.cfg.weight_sync.timeout_s)
 
-    def push_weights(self, specs: list[weight_sync.TensorSpec], transport: str, bucket_bytes: int, full: bool = True):
+    @contextmanager
+    def _weights_of(self, version: int):
+        """The trainable weights of a kept `version` in place for the block, the current ones restored after it."""
+        if version == self.version:
+            yield
+            return
+        kept = dict(self.kept)
+        if version not in kept:
+            raise ValueError(f"weights of version {version} are not kept (kept: {sorted(kept)}, "
+                             f"current: {self.version})")  # fmt: skip
+        current = [p.detach().clone() for p in self.trainable]
+        with torch.no_grad():
+            for p, old in zip(self.trainable, kept[version], strict=True):
+                p.copy_(old)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, now in zip(self.trainable, current, strict=True):
+                    p.copy_(now)
+
+    def push_weights(self, specs: list[weight_sync.TensorSpec], transport: str, bucket_bytes: int, full: bool = True,
+                     version: int | None = None):  # fmt: skip
         """Every rank gathers the tensors in `specs`; rank 0 sends them. `full`: `specs` is every tensor (the
-        receivers start a new lineage), else a delta on top of the last full push. Returns rank 0's PushReport and
-        object refs (object_store), else None."""
+        receivers start a new lineage), else a delta on top of the last full push. `version`: a kept version's
+        weights instead of the current ones. Returns rank 0's PushReport and object refs (object_store), else
+        None."""
+        version = self.version if version is None else version
+        with self._weights_of(version):
+            return self._push(specs, transport, bucket_bytes, full, version)
+
+    def _push(self, specs: list[weight_sync.TensorSpec], transport: str, bucket_bytes: int, full: bool, version: int):
         t0 = time.perf_counter()
         weights = self._weights_on_rank0(names=None if full else {spec.name for spec in specs})
         if weights is None:
@@ -323,7 +361,7 @@ class LearnerWorker:
                 pass
             raise
         self.sent = digests.by_name if full else {**self.sent, **digests.by_name}
-        report = weight_sync.PushReport(self.version, nbytes, time.perf_counter() - t0, digests.hexdigest(),
+        report = weight_sync.PushReport(version, nbytes, time.perf_counter() - t0, digests.hexdigest(),
                                         transport, weight_sync.state_digest(self.sent), full)  # fmt: skip
         return report, refs
 

@@ -156,24 +156,30 @@ def test_async_object_store_pushes_do_not_wait_for_sampling_and_every_batch_uses
 
 def test_killed_rollout_and_teacher_workers_are_restarted_and_their_work_is_redone(pipe, batch, samples_and_processor,
                                                                                    caplog):  # fmt: skip
+    """A batch sampled ahead under version v (async mode) loses its rollout worker while the learner steps to v+1:
+    the push of v+1 breaks on the dead member and is redone over a re-formed group; the batch is sampled again
+    under v's weights (the learner keeps them), exactly as the undisturbed run samples it, and the workers end
+    with v+1's weights. A killed teacher's call is resubmitted to its restart."""
     import ray
 
     samples, _ = samples_and_processor
+    _, _, plan = batch
+    v = pipe.version
     expected = pipe.generate_async(samples, seed=123).result()
-    request = pipe.generate_async(samples, seed=123)
+    request = pipe.generate_async(samples, seed=123)  # sampled ahead, under v
     ray.kill(pipe.rollout.actors[0], no_restart=False)  # dies mid-generation; Ray restarts it, stale
+    targets, _ = pipe.score(plan)
+    pipe.train(plan, targets, keep=1)
+    report, receipts = pipe.push_weights()  # v+1: breaks on the dead member, redone over a re-formed group
+    assert "weight push" in caplog.text and "re-forming the push group" in caplog.text
+    assert [(r["version"], r["checksum"]) for r in receipts] == [(v + 1, report.checksum)]
     got = request.result()
     assert [r.sample_id for r in got] == [s.id for s in samples]  # every sample once: none lost, none twice
     assert [r.completion_ids for r in got] == [r.completion_ids for r in expected]  # same seed, same weights
-    assert {r.version for r in got} == {pipe.version} and probe_gap(pipe) < PROBE_TOL
+    assert [r.logprobs for r in got] == [r.logprobs for r in expected]
+    assert {r.version for r in got} == {v} and pipe.version == v + 1
+    assert probe_gap(pipe) < PROBE_TOL  # back on the current weights
 
-    ray.kill(pipe.rollout.actors[0], no_restart=False)  # a member of the push group dies: the push breaks
-    report, receipts = pipe.push_weights()  # ... and is redone over a re-formed group
-    assert "weight push" in caplog.text and "re-forming the push group" in caplog.text
-    assert [(r["version"], r["checksum"]) for r in receipts] == [(pipe.version, report.checksum)]
-    assert probe_gap(pipe) < PROBE_TOL
-
-    _, _, plan = batch
     before, _ = pipe.score(plan)
     ray.kill(pipe.teachers["reasoning"].actors[0], no_restart=False)
     after, _ = pipe.score(plan)  # the call waits for the restart and is resubmitted
