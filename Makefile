@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup run study test test-all lint gpu-check
+.PHONY: setup run study test test-e2e test-all lint gpu-check
 setup:
 	@bash scripts/setup.sh
 
@@ -16,6 +16,10 @@ study: setup
 test: setup
 	$(VENV)/bin/ruff check vigos_ray workers launch tests bench
 	$(PY) -m pytest -q $(ARGS)
+
+# Whole runs, fault scenarios and the default warm start (CI runs them after `make test`).
+test-e2e: setup
+	$(PY) -m pytest -q -m "e2e and not slow and not gpu" $(ARGS)
 
 # On a GPU machine: one table of what a cluster user needs to know (bench/gpu_check.py); elsewhere one line, exit 0.
 gpu-check: setup

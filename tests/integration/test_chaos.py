@@ -12,7 +12,7 @@ import pytest
 from launch.run import main as run_main
 from vigos_ray.chaos import KINDS, differences, incomplete_checkpoints, plan_faults, run_with_faults
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 
 def args(out: Path, tiny: Path, *extra: str) -> list[str]:

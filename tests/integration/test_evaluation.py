@@ -76,6 +76,7 @@ def test_scores_probe_and_prior_split_on_a_scripted_model(tiny_fast):
     assert report["per_item"][0]["extracted"] == ["red", None]
 
 
+@pytest.mark.e2e  # the default warm start
 def test_eval_command_on_the_warm_start_reports_what_its_responses_show(tmp_path, tiny_warm, capfd):
     """`launch/eval.py` on the default student (sampling with the HF backend: the vLLM engine's sampling is
     checked against transformers in test_models.py): every number in the report recounted from its own responses

@@ -34,7 +34,7 @@ def readme_cluster_commands() -> dict[str, list[str]]:
             "submit": pick("ray job submit"), "logs": pick("ray job logs")}  # fmt: skip
 
 
-@pytest.mark.slow  # its own head and job driver: ~60 s; the in-process launch tests cover run.py
+@pytest.mark.e2e  # its own head and job driver: ~60 s
 def test_the_readme_cluster_commands_run_as_written_on_a_head_on_loopback(tmp_path, tiny_fast):
     """The README's commands, run from the repository with the project's venv as the nodes' environment (its bin
     first on PATH, as `source .venv/bin/activate` leaves it): plain `python` in the job is the venv's, the code
@@ -62,9 +62,9 @@ def test_the_readme_cluster_commands_run_as_written_on_a_head_on_loopback(tmp_pa
     assert submit[:8] == ["ray", "job", "submit", "--working-dir", ".", "--", "python", "launch/run.py"]
     server = subprocess.Popen(head, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(30):  # the dashboard's job server comes up a few seconds after the head
+        for _ in range(30):  # the dashboard's job server, then its job agent, come up seconds after the head
             proc = subprocess.run(submit, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
-            if "Failed to connect" not in proc.stdout + proc.stderr:
+            if not any(m in proc.stdout + proc.stderr for m in ("Failed to connect", "No available agent")):
                 break
             time.sleep(2)
         out = proc.stdout + proc.stderr

@@ -15,7 +15,7 @@ from workers.rollout import FullPushNeeded
 
 from .test_pipeline import PROBE, PROBE_TOL, config, probe_gap
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 
 def test_lora_pushes_carry_only_what_training_changes_and_a_worker_without_them_gets_everything(

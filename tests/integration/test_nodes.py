@@ -13,7 +13,7 @@ import pytest
 
 from ..conftest import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 
 class NodeScorer:

@@ -29,7 +29,7 @@ from vigos_ray.models import load_model
 
 from ..conftest import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 
 def overrides(out: Path, tiny: Path, *extra: str) -> list[str]:

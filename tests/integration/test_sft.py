@@ -24,6 +24,7 @@ def test_labels_come_from_each_images_colour_and_shape_answers():
     assert len(labels) == len(paths) and all(colour and shape for colour, shape in labels.values())
 
 
+@pytest.mark.e2e  # builds the default warm start (~30 s), as `make run` does first
 def test_the_default_warm_start_lowers_the_loss_and_prefers_the_format_on_held_out_items(tiny_warm, tiny_fast,
                                                                                           cache_dir):  # fmt: skip
     """The default student (`model.tiny_warm_start`): the tiny model's warm start, trained once into the cache."""
