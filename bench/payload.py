@@ -1,7 +1,9 @@
-"""Bytes per supervised token that cross actors in each teacher payload mode, against full-vocabulary logits.
+"""Bytes that cross actors: per supervised token in each teacher payload mode, against full-vocabulary logits;
+and per step into each learner rank.
 
 The pickled size of what a teacher ships for the same scored rows of real rollouts (sampled by HF generate from
-the tiny model with the real 151,665-token Qwen2.5 vocabulary).
+the tiny model with the real 151,665-token Qwen2.5 vocabulary), and of each rank's `TrainBatch` for a batch of
+half valid, half broken rollouts (all three teachers at work), with and without the teachers' own rows.
 
     python bench/payload.py --prompts 4 --max-new-tokens 64
 """
@@ -58,6 +60,44 @@ def payload_bytes(cache: Path, prompts: int, max_new_tokens: int) -> None:
           ["payload", "bytes/token", "vs full logits"], out)  # fmt: skip
 
 
+def learner_bytes(cache: Path, prompts: int, ranks: int = 2) -> None:
+    """Bytes each learner rank receives for one step (its pickled TrainBatch), against the same batch carrying the
+    teachers' rows too (their contexts and pixels, which the learner never reads: what `select` sent before)."""
+    from common import synthetic_rollouts
+
+    from vigos_ray.batching import split_batch
+    from vigos_ray.config import load_config
+    from vigos_ray.driver import prompt_stream
+    from vigos_ray.models import load_model, load_processor
+    from vigos_ray.objective import plan_batch
+    from vigos_ray.scoring import pool_targets
+    from vigos_ray.spans import TokenTable, parse_completion
+    from vigos_ray.tiny import ensure_tiny_model
+
+    path = ensure_tiny_model(cache, "qwen_vocab")
+    cfg = load_config(overrides=[f"model.path={path}", f"run.cache_dir={cache}", "data.limit=64"])
+    processor = load_processor(path, cfg.model.min_pixels, cfg.model.max_pixels)
+    model, vocab, pad = load_model(path), len(processor.tokenizer), processor.tokenizer.pad_token_id
+    samples = prompt_stream(cfg, processor).next_batch(prompts)
+    rollouts = synthetic_rollouts(samples, processor, cfg)
+    table_ = TokenTable.for_tokenizer(processor.tokenizer)
+    spans = [parse_completion(r.completion_ids, table_) for r in rollouts]
+    plan = plan_batch(processor, {s.id: s for s in samples}, rollouts, spans, cfg)
+    targets = {seg.name: pool_targets(model, plan.teacher_rows[seg.name], cfg, seg.teacher, vocab, pad)
+               for seg in plan.segments if plan.teacher_rows.get(seg.name)}  # fmt: skip
+    out = []
+    for rank, batch in enumerate(split_batch(plan, targets, ranks, cfg.learner.micro_token_budget)):
+        now = len(pickle.dumps(batch))
+        mine = {i for micro in batch.micro for i in micro.rollouts}
+        rows = [row for name, rs in plan.teacher_rows.items() for row, i in zip(rs, plan.row_rollout[name],
+                                                                                 strict=True) if i in mine]  # fmt: skip
+        before = now + len(pickle.dumps(rows))
+        out.append([rank, len(mine), f"{before / 2**20:.2f}", f"{now / 2**20:.2f}", f"{now / before:.2f}"])
+    table(f"Bytes a learner rank receives per step ({prompts} rollouts, {ranks} ranks, max_pixels "
+          f"{cfg.model.max_pixels:,}, `{cfg.teachers.payload}` payloads)",
+          ["rank", "rollouts", "with teacher rows (MB)", "now (MB)", "ratio"], out)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=4)
@@ -65,6 +105,7 @@ def main() -> None:
     parser.add_argument("--cache", default=str(REPO / ".cache" / "vigos"))
     args = parser.parse_args()
     payload_bytes(Path(args.cache), args.prompts, args.max_new_tokens)
+    learner_bytes(Path(args.cache), args.prompts)
 
 
 if __name__ == "__main__":

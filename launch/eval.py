@@ -9,6 +9,7 @@ otherwise JSONL/Parquet files in MathVista/MMMU style (see vigos_ray/evaluation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -76,7 +77,8 @@ def run_eval(cfg, folder: Path, data: list[str], name: str) -> dict:
     with progress(total=total, desc=f"eval {name}", unit="item") as bar:
         report = evaluate(items, worker.generate, worker.tokenizer, cfg, cfg.eval.samples, cfg.eval.k,
                           seed=cfg.run.seed, image_probe=cfg.eval.image_probe, progress=bar.update)  # fmt: skip
-    return {"benchmark": name, "data": [str(f) for f in files], "decoding": eval_decoding(cfg), **report}
+    decoding = dataclasses.asdict(eval_decoding(cfg, cfg.eval.samples))
+    return {"benchmark": name, "data": [str(f) for f in files], "decoding": decoding, **report}
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ class TrainBatch:
 
 
 def select(plan: BatchPlan, targets: Mapping[str, Sequence[TeacherTargets]], keep: Sequence[int]):
-    """The sub-plan (and its teacher targets) holding rollouts `keep`, renumbered 0..len(keep)-1 in that order."""
+    """The sub-plan (and its teacher targets) holding rollouts `keep`, renumbered 0..len(keep)-1 in that order:
+    what the learner reads. The teachers' rows (their contexts, each with its own copy of the image's pixels) stay
+    behind: the learner needs only which rollout each target belongs to."""
     new_index = {old: new for new, old in enumerate(keep)}
     sub = BatchPlan(plan.segments, positions={name: [p[i] for i in keep] for name, p in plan.positions.items()})
     sub_targets: dict[str, list[TeacherTargets]] = {}
@@ -43,7 +45,6 @@ def select(plan: BatchPlan, targets: Mapping[str, Sequence[TeacherTargets]], kee
         picked = sorted((new_index[i], k) for k, i in enumerate(rows) if i in new_index)
         if picked:
             sub.row_rollout[seg.name] = [new for new, _ in picked]
-            sub.teacher_rows[seg.name] = [plan.teacher_rows[seg.name][k] for _, k in picked]
             sub_targets[seg.name] = [targets[seg.name][k] for _, k in picked]
     sub.student_rows = [plan.student_rows[i] for i in keep]
     sub.completion_ids = [plan.completion_ids[i] for i in keep]

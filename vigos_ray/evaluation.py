@@ -27,7 +27,7 @@ from vigos_ray.config import Config
 from vigos_ray.data import DataError, Sample, decode_record, other_image_index, read_files
 from vigos_ray.grading import extract_answer, grade
 from vigos_ray.spans import TokenTable, parse_completion
-from vigos_ray.types import Rollout
+from vigos_ray.types import Decoding, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -266,17 +266,16 @@ def resolve_eval_model(path: Path) -> tuple[Path, str]:
     raise DataError(f"--model {path}: not a model folder, a run directory with final/, or a checkpoint step_N/")
 
 
-def eval_decoding(cfg: Config) -> dict:
-    """The evaluation's decoding (`eval.*`), as the `rollout.*` fields it replaces when sampling."""
+def eval_decoding(cfg: Config, samples_per_item: int) -> Decoding:
+    """The evaluation's decoding (`eval.*`) with `samples_per_item` responses per item."""
     e = cfg.eval
-    return {"temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k, "max_new_tokens": e.max_new_tokens}
+    return Decoding(e.temperature, e.top_p, e.top_k, e.max_new_tokens, samples_per_item)
 
 
 def eval_config(cfg: Config) -> Config:
     """`cfg` with rollout sampling replaced by the evaluation's decoding, `eval.samples` per item (the config a
     rollout worker that evaluates is built with)."""
-    rollout = dataclasses.replace(cfg.rollout, **eval_decoding(cfg), samples_per_prompt=cfg.eval.samples)
-    return dataclasses.replace(cfg, rollout=rollout)
+    return dataclasses.replace(cfg, rollout=eval_decoding(cfg, cfg.eval.samples).applied_to(cfg.rollout))
 
 
 def during_training(items: Sequence[EvalItem], generate_async, tokenizer, cfg: Config, seed: int) -> dict[str, float]:
@@ -285,7 +284,7 @@ def during_training(items: Sequence[EvalItem], generate_async, tokenizer, cfg: C
     import time
 
     e = cfg.eval
-    decoding = {**eval_decoding(cfg), "samples_per_prompt": e.during_train_samples}
+    decoding = eval_decoding(cfg, e.during_train_samples)
     t0 = time.perf_counter()
     report = evaluate(items, lambda samples, s: generate_async(samples, s, decoding).result(), tokenizer, cfg,
                       e.during_train_samples, e.during_train_samples, seed, image_probe=False,

@@ -18,6 +18,7 @@ from pathlib import Path
 from statistics import fmean
 
 from vigos_ray.config import Config, MetricsConfig, to_container
+from vigos_ray.types import RankStep
 
 log = logging.getLogger(__name__)
 
@@ -180,16 +181,16 @@ class Metrics:
         self.close()
 
 
-def merge_segments(ranks: list[dict]) -> dict[str, dict[str, float]]:
+def merge_segments(ranks: list[RankStep]) -> dict[str, dict[str, float]]:
     """Per segment over all ranks: the pooled loss (mean of rank shares), token-weighted KL and clip fraction."""
     out = {}
-    for name in ranks[0]["segments"]:
-        per = [r["segments"][name] for r in ranks]
-        tokens = sum(s["tokens"] for s in per)
+    for name in ranks[0].segments:
+        per = [r.segments[name] for r in ranks]
+        tokens = sum(s.tokens for s in per)
         out[name] = {
-            "loss": fmean(s["loss"] for s in per),
-            "kl": sum(s["divergence"] for s in per) / max(tokens, 1),
-            "clipped": sum(s["clipped"] for s in per) / max(tokens, 1),
+            "loss": fmean(s.loss for s in per),
+            "kl": sum(s.divergence_sum for s in per) / max(tokens, 1),
+            "clipped": sum(s.clipped_tokens for s in per) / max(tokens, 1),
             "tokens": tokens,
         }
     return out
@@ -205,13 +206,13 @@ def step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teach
     completion_tokens = sum(len(r.completion_ids) for r in rollouts)
     teacher_tokens = {name: sum(len(row.input_ids) for row in rows) for name, rows in plan.teacher_rows.items()}
     learner_tokens = sum(len(row.input_ids) for row in plan.student_rows)
-    lags = Counter(ranks[0]["version"] - 1 - r.version for r in rollouts)
+    lags = Counter(ranks[0].version - 1 - r.version for r in rollouts)
     record = {
         "step": step,
-        "version": ranks[0]["version"],
-        "loss": fmean(r["loss"] for r in ranks),
-        "grad_norm": ranks[0]["grad_norm"],
-        "lr": ranks[0]["lr"],
+        "version": ranks[0].version,
+        "loss": fmean(r.loss for r in ranks),
+        "grad_norm": ranks[0].grad_norm,
+        "lr": ranks[0].lr,
         "rollouts": len(rollouts),
         "valid_rate": len(valid) / len(rollouts),
         "accuracy": sum(correct) / len(rollouts),

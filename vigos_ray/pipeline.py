@@ -22,7 +22,8 @@ from vigos_ray.batching import split_batch
 from vigos_ray.config import Config
 from vigos_ray.data import Sample
 from vigos_ray.objective import BatchPlan, segments
-from vigos_ray.weight_sync import PushGroupError, PushReport, WeightSyncError
+from vigos_ray.types import Decoding, RankStep
+from vigos_ray.weight_sync import PushGroupError, PushReceipt, PushReport, WeightSyncError
 from workers.group import Pending, WorkerGroup, wait_all
 from workers.learner import LearnerWorker
 from workers.pool import TeacherPool
@@ -99,7 +100,7 @@ class Pipeline:
         return RolloutRequest(self, samples, seed, self.version, self.rollout.scatter_async("generate", samples,
                                                                                              seed=seed))
 
-    def generate_with(self, samples: Sequence[Sample], seed: int, decoding: dict) -> Pending:
+    def generate_with(self, samples: Sequence[Sample], seed: int, decoding: Decoding) -> Pending:
         """Samples with other decoding (`rollout.*` fields replaced), e.g. held-out evaluation during training."""
         return self.rollout.scatter_async("generate", list(samples), seed=seed, decoding=decoding)
 
@@ -129,16 +130,16 @@ class Pipeline:
     def pool_metrics(self) -> dict[str, int]:
         return {f"pool/{role}/{k}": v for role, pool in self.teachers.items() for k, v in pool.status().items()}
 
-    def train(self, plan: BatchPlan, targets: dict[str, list], keep: int = 0) -> list[dict]:
+    def train(self, plan: BatchPlan, targets: dict[str, list], keep: int = 0) -> list[RankStep]:
         """One optimizer step on every learner rank; returns each rank's stats. `keep`: the learner keeps the
         trainable weights of this many versions before the new one (async mode: a batch sampled ahead under an
         older version and lost with its rollout worker is sampled again under that version)."""
         batches = split_batch(plan, targets, len(self.learner.actors), self.cfg.learner.micro_token_budget)
         results = self.learner.call_each("train_step", batches, keep=keep)
-        self.version = results[0]["version"]
+        self.version = results[0].version
         return results
 
-    def push_weights(self, wait: bool = True, version: int | None = None) -> tuple[PushReport, list[dict]]:
+    def push_weights(self, wait: bool = True, version: int | None = None) -> tuple[PushReport, list[PushReceipt]]:
         """Learner weights -> every rollout worker, verified; returns the report (seconds: from the call to the last
         worker's weights loaded) and each worker's receipt. A rollout worker that dies before or during the push
         breaks it for every member: wait for Ray's restart, re-form the push group and push again. `version`: an
@@ -162,7 +163,7 @@ class Pipeline:
                 self._full_next = True
         raise AssertionError("unreachable")
 
-    def settle(self) -> list[dict]:
+    def settle(self) -> list[PushReceipt]:
         """Wait for the rollout workers' receipts of a push made with `wait=False`, and check them. A worker that
         died before it confirmed is restarted and sent the current weights again, as after any rollout failure."""
         if self._unconfirmed is None:
@@ -178,14 +179,13 @@ class Pipeline:
         self._check_receipts(report, receipts)
         return receipts
 
-    def _check_receipts(self, report: PushReport, receipts: list[dict]) -> None:
+    def _check_receipts(self, report: PushReport, receipts: list[PushReceipt]) -> None:
         """Each worker got this push intact and now holds exactly the tensors the learner has sent it."""
         for receipt in receipts:
-            if (receipt["checksum"], receipt["state"], receipt["version"]) != (report.checksum, report.state,
-                                                                               report.version):  # fmt: skip
-                raise WeightSyncError(f"rollout worker {receipt['worker']} holds {receipt}, learner sent {report}")
+            if not receipt.matches(report):
+                raise WeightSyncError(f"rollout worker {receipt.worker} holds {receipt}, learner sent {report}")
 
-    def _push_once(self, wait: bool, version: int) -> tuple[PushReport, list[dict]]:
+    def _push_once(self, wait: bool, version: int) -> tuple[PushReport, list[PushReceipt]]:
         ws = self.cfg.weight_sync
         bucket = ws.bucket_mb * 2**20
         full = self._full_next or not ws.delta

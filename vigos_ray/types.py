@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,30 @@ class ScoreRow:
 
 
 @dataclass(frozen=True)
+class SegmentSums:
+    """One learner rank's totals for one segment over a step's micro-batches (zero-weight repeats left out)."""
+
+    loss: float  # this rank's share of the pooled segment loss
+    divergence_sum: float  # per-token divergence summed over the rank's supervised tokens
+    clipped_tokens: float  # tokens whose divergence exceeded loss.clip
+    tokens: int
+
+
+@dataclass(frozen=True)
+class RankStep:
+    """What one learner rank reports after an optimizer step."""
+
+    rank: int
+    loss: float  # this rank's share of the step's loss (the ranks' mean is the batch loss)
+    segments: dict[str, SegmentSums]
+    grad_norm: float  # of the whole model, before clipping (the same on every rank)
+    lr: float  # the learning rate this step used
+    version: int  # the policy version the step produced
+    micro_batches: int  # forward/backward passes (equal on every rank)
+    seconds: float
+
+
+@dataclass(frozen=True)
 class TeacherTargets:
     """What a teacher ships per scored token of one row (SPEC §7); only the fields of its payload are set.
 
@@ -77,3 +102,18 @@ class TeacherTargets:
             if x is not None:
                 return int(x.shape[0])
         return 0
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Sampling settings that replace the rollout workers' `rollout.*` ones for one call (held-out evaluation)."""
+
+    temperature: float
+    top_p: float
+    top_k: int  # -1: off
+    max_new_tokens: int
+    samples_per_prompt: int
+
+    def applied_to(self, rollout):
+        """`rollout` (a RolloutConfig) with these fields replaced."""
+        return dataclasses.replace(rollout, **dataclasses.asdict(self))

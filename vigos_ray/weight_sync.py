@@ -64,6 +64,22 @@ class PushReport:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
 
 
+@dataclass(frozen=True)
+class PushReceipt:
+    """What one rollout worker confirms after loading a push."""
+
+    worker: int
+    version: int
+    checksum: str  # digest of the tensors that arrived
+    state: str  # digest of every tensor the worker now holds
+    bytes: int
+    receive_s: float
+    apply_s: float  # loading into the engine and resetting its caches
+
+    def matches(self, report: PushReport) -> bool:
+        return (self.checksum, self.state, self.version) == (report.checksum, report.state, report.version)
+
+
 def merged_weights(named: Iterable[tuple[str, torch.Tensor]], lora_scaling: float = 1.0):
     """Full weights under their Hugging Face names, with peft LoRA pairs merged: W + scaling * B @ A.
 

@@ -36,6 +36,7 @@ from vigos_ray.models import (
 )
 from vigos_ray.objective import segments, student_loss
 from vigos_ray.scoring import output_head
+from vigos_ray.types import RankStep, SegmentSums
 from workers.sharded_start import CheckpointRows, FrozenHead, empty_model, init_lora, materialize
 
 STUDENT_HEAD = object()  # a teacher head that is the student's own frozen head (LoRA): read in place, no copy
@@ -188,7 +189,7 @@ class LearnerWorker:
         fully_shard(module, mp_policy=policy)  # the root: embeddings, final norm, vision merger, output head
         return module
 
-    def train_step(self, batch: TrainBatch, keep: int = 0) -> dict:
+    def train_step(self, batch: TrainBatch, keep: int = 0) -> RankStep:
         """Forward/backward every micro-batch, clip, step; returns this rank's loss and per-segment stats. `keep`:
         keep this rank's shard of the trainable weights of the `keep` versions before the new one, for
         `push_weights(version=...)` (async mode: LoRA's adapters, or one trainable shard per version in full
@@ -200,7 +201,7 @@ class LearnerWorker:
             self.kept.append((self.version, [p.detach().clone() for p in self.trainable]))
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, sums = 0.0, {}
+        loss_sum, sums = 0.0, {}  # segment -> [loss, divergence sum, clipped tokens, tokens]
         with self._gathered_heads():
             for micro in batch.micro:
                 if self.device.type != "cpu":
@@ -209,13 +210,10 @@ class LearnerWorker:
                 loss.backward()
                 loss_sum += float(loss.detach())
                 for name, s in stats.items():
-                    acc = sums.setdefault(name, {"loss": 0.0, "divergence": 0.0, "clipped": 0.0, "tokens": 0})
-                    if micro.weight == 0.0:
-                        continue
-                    acc["loss"] += s.loss
-                    acc["divergence"] += s.divergence * s.tokens
-                    acc["clipped"] += s.clipped * s.tokens
-                    acc["tokens"] += s.tokens
+                    acc = sums.setdefault(name, [0.0, 0.0, 0.0, 0])
+                    if micro.weight != 0.0:
+                        for k, x in enumerate((s.loss, s.divergence * s.tokens, s.clipped * s.tokens, s.tokens)):
+                            acc[k] += x
         clip = self.cfg.learner.grad_clip if self.cfg.learner.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -223,9 +221,9 @@ class LearnerWorker:
         self.optimizer.step()
         self.scheduler.step()
         self.version += 1
-        return {"rank": self.rank, "loss": loss_sum, "segments": sums, "grad_norm": float(grad_norm), "lr": lr,
-                "version": self.version, "micro_batches": len(batch.micro),
-                "seconds": time.perf_counter() - t0}  # fmt: skip
+        segments = {name: SegmentSums(*acc) for name, acc in sums.items()}
+        return RankStep(self.rank, loss_sum, segments, float(grad_norm), lr, self.version, len(batch.micro),
+                        time.perf_counter() - t0)  # fmt: skip
 
     # ---- state -----------------------------------------------------------------------------------------------
 

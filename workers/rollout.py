@@ -18,8 +18,8 @@ from vigos_ray.data import Sample
 from vigos_ray.models import load_model, load_processor, next_token_logprobs, on_this_node, sampling_token_ids
 from vigos_ray.prompts import encode, student_text
 from vigos_ray.sampling import banned_rows, hf_rollouts, make_rollout, sample_seed
-from vigos_ray.types import Rollout
-from vigos_ray.weight_sync import SyncGroup, TensorSpec, WeightSyncError, receive, state_digest
+from vigos_ray.types import Decoding, Rollout
+from vigos_ray.weight_sync import PushReceipt, SyncGroup, TensorSpec, WeightSyncError, receive, state_digest
 
 
 def max_new_tokens(cfg: Config) -> int:
@@ -90,7 +90,7 @@ class RolloutWorker:
             kwargs["kv_cache_memory_bytes"] = r.kv_cache_memory_bytes  # else vLLM reserves most of the RAM
         return LLM(**kwargs)
 
-    def generate(self, samples: list[Sample], seed: int, decoding: dict | None = None) -> list[Rollout]:
+    def generate(self, samples: list[Sample], seed: int, decoding: Decoding | None = None) -> list[Rollout]:
         """`rollout.samples_per_prompt` completions per sample, in sample order; `seed` makes them reproducible.
         `decoding` replaces `rollout.*` fields for this call (evaluation during training)."""
         if self.version is None:
@@ -99,7 +99,7 @@ class RolloutWorker:
             )
         cfg = self.cfg
         if decoding:
-            cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, **decoding))
+            cfg = dataclasses.replace(cfg, rollout=decoding.applied_to(cfg.rollout))
         if self._engine is None:
             return hf_rollouts(self._hf_model, self.processor, samples, cfg, seed, self._hf_banned, self.version)
         text = lambda s: student_text(self.processor, s.problem, cfg.prompts)  # noqa: E731
@@ -177,7 +177,7 @@ class RolloutWorker:
         self._sync = SyncGroup(host, port, 1 + self.worker_index, world_size, self.cfg.weight_sync.timeout_s)
 
     def receive_weights(self, version: int, specs: list[TensorSpec], transport: str, bucket_bytes: int,
-                        refs: list | None = None, expected: str = "", full: bool = True) -> dict:  # fmt: skip
+                        refs: list | None = None, expected: str = "", full: bool = True) -> PushReceipt:  # fmt: skip
         """Receive a push, verify its checksum, load it into the engine, reset caches; returns what arrived and
         the digest of everything the engine now holds. A delta (`full=False`) loads on top of the last full push
         and is refused (FullPushNeeded, nothing loaded) by a worker that has none."""
@@ -191,9 +191,8 @@ class RolloutWorker:
         self._load(named, partial=not full)
         self.held = {**held, **digests.by_name}
         self.version = version
-        return {"worker": self.worker_index, "version": version, "checksum": digests.hexdigest(),
-                "state": state_digest(self.held), "bytes": nbytes, "receive_s": received,
-                "apply_s": time.perf_counter() - t0 - received}  # fmt: skip
+        return PushReceipt(self.worker_index, version, digests.hexdigest(), state_digest(self.held), nbytes, received,
+                           time.perf_counter() - t0 - received)  # fmt: skip
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[t] | ids[:t]) for t >= 1 under the weights in the engine: the push's end-to-end probe."""

@@ -48,10 +48,16 @@ def test_the_readme_cluster_commands_run_as_written_on_a_head_on_loopback(tmp_pa
                RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port("127.0.0.1"), free_port("127.0.0.1")
+    # The session's cluster runs beside this head: every port of the head's own agents is a free one, not Ray's
+    # default (a second dashboard agent on the default port dies, and the head then has no agent to run jobs).
+    agent_ports = [f"--{name}={free_port('127.0.0.1')}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port")]  # fmt: skip
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     head = [arg if not arg.startswith("--port=") else f"--port={port}" for arg in commands["head"]]
     head += ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=6", f"--temp-dir={temp_dir}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"]  # fmt: skip
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+             *agent_ports]  # fmt: skip
     address = commands["address"][1].split("=", 1)[1].replace("<head-ip>", "127.0.0.1")
     env["RAY_ADDRESS"] = address.replace(":8265", f":{dashboard}")
     submit = commands["submit"]
@@ -62,9 +68,11 @@ def test_the_readme_cluster_commands_run_as_written_on_a_head_on_loopback(tmp_pa
     assert submit[:8] == ["ray", "job", "submit", "--working-dir", ".", "--", "python", "launch/run.py"]
     server = subprocess.Popen(head, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(30):  # the dashboard's job server, then its job agent, come up seconds after the head
+        deadline = time.monotonic() + 120
+        while True:  # the dashboard's job server, then its job agent, come up seconds after the head
             proc = subprocess.run(submit, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
-            if not any(m in proc.stdout + proc.stderr for m in ("Failed to connect", "No available agent")):
+            not_up = any(m in proc.stdout + proc.stderr for m in ("Failed to connect", "No available agent"))
+            if not not_up or time.monotonic() > deadline:
                 break
             time.sleep(2)
         out = proc.stdout + proc.stderr

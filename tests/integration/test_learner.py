@@ -49,7 +49,7 @@ def test_lora_with_checkpointing_trains_every_adapter_and_the_export_computes_th
     batch = split_batch(plan, targets, 1, cfg.learner.micro_token_budget)[0]
     for _ in range(2):  # peft starts lora_B at zero, so lora_A first gets a gradient in the second step
         stats = learner.train_step(batch)
-    assert stats["version"] == 2 and stats["grad_norm"] > 0
+    assert stats.version == 2 and stats.grad_norm > 0
 
     adapters = {n: p for n, p in learner.module.named_parameters() if p.requires_grad}
     assert adapters and all("lora_" in n for n in adapters)  # only adapters train

@@ -37,7 +37,7 @@ def test_lora_pushes_carry_only_what_training_changes_and_a_worker_without_them_
 
         def spy(*args, **kwargs):  # every push the pipeline makes, recovery pushes included
             report, receipts = push_once(*args, **kwargs)
-            pushes.append((report.full, report.bytes, {r["state"] for r in receipts} == {report.state}))
+            pushes.append((report.full, report.bytes, {r.state for r in receipts} == {report.state}))
             return report, receipts
 
         pipe._push_once = spy

@@ -119,7 +119,7 @@ def vllm_worker(request, ray_cluster, folders):
     actor = ray_cluster.remote(num_cpus=1)(RolloutWorker).remote(cfg, str(folders[request.param]))
     specs, refs, checksum = initial_push(folders[request.param])
     receipt = ray_cluster.get(actor.receive_weights.remote(0, specs, "object_store", 2**16, refs, checksum))
-    assert receipt["checksum"] == checksum and receipt["version"] == 0
+    assert receipt.checksum == checksum and receipt.version == 0
     yield request.param, actor
     ray_cluster.kill(actor)
 

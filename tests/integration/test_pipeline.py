@@ -75,16 +75,16 @@ def test_a_fixed_batch_gives_the_single_process_loss_and_gradient(pipe, batch, t
     loss.backward()
     grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.parameters()]))
 
-    pipeline_loss = sum(r["loss"] for r in ranks) / len(ranks)
+    pipeline_loss = sum(r.loss for r in ranks) / len(ranks)
     # Tolerance 1e-7 absolute (the loss is 4.4e-3): fp32 KLs of near-equal distributions summed in another order
     # (2 ranks, micro-batches, FSDP's reduce-scatter); measured differences 2e-9 (a segment) to 1.6e-8 (the sum).
     assert pipeline_loss == pytest.approx(float(loss.detach()), rel=0, abs=1e-7)
-    assert ranks[0]["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-4)
+    assert ranks[0].grad_norm == pytest.approx(float(grad_norm), rel=1e-4)
     merged = merge_segments(ranks)
     for name, s in stats.items():
         assert merged[name]["loss"] == pytest.approx(s.loss, rel=0, abs=1e-7)
         assert merged[name]["tokens"] == s.tokens > 0
-    assert all(r["micro_batches"] == ranks[0]["micro_batches"] for r in ranks)  # the ranks' passes stay in step
+    assert all(r.micro_batches == ranks[0].micro_batches for r in ranks)  # the ranks' passes stay in step
 
 
 def test_training_on_a_repeated_batch_lowers_the_divergence(pipe, batch):
@@ -172,7 +172,7 @@ def test_killed_rollout_and_teacher_workers_are_restarted_and_their_work_is_redo
     pipe.train(plan, targets, keep=1)
     report, receipts = pipe.push_weights()  # v+1: breaks on the dead member, redone over a re-formed group
     assert "weight push" in caplog.text and "re-forming the push group" in caplog.text
-    assert [(r["version"], r["checksum"]) for r in receipts] == [(v + 1, report.checksum)]
+    assert [(r.version, r.checksum) for r in receipts] == [(v + 1, report.checksum)]
     got = request.result()
     assert [r.sample_id for r in got] == [s.id for s in samples]  # every sample once: none lost, none twice
     assert [r.completion_ids for r in got] == [r.completion_ids for r in expected]  # same seed, same weights

@@ -86,6 +86,7 @@ def test_a_checkpoint_of_a_sharded_start_up_resumes_a_full_load_exactly(tiny_fas
         learners["full"].shutdown()
 
 
+@pytest.mark.e2e  # ~16 s; the default suite's pipeline (test_pipeline.py) starts 2 sharded ranks too
 def test_two_ranks_sharded_start_up_equals_the_full_load_on_every_rank(ray_cluster, tiny_fast):
     import ray
 

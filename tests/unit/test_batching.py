@@ -41,6 +41,7 @@ def test_select_keeps_each_rollouts_rows_and_targets_together():
     assert [t.token_logprobs[0].item() for t in sub_targets["reference"]] == [1.0]
     assert [t.token_logprobs[0].item() for t in sub_targets["perception"]] == [3.0]
     assert sub.counts() == {"perception": 2, "reasoning": 3, "reference": 4}
+    assert sub.teacher_rows == {}  # the learner never reads the teachers' contexts: they are not sent to it
 
 
 def test_ranks_get_balanced_tokens_and_every_rollout_once():
