@@ -51,10 +51,10 @@ def train(cfg, logs: Path) -> str:
     from vigos_ray.metrics import run_summary
     from vigos_ray.plots import plot_run, read_run
 
-    preflight(cfg)  # a bad model or teacher folder is named before a cluster is started
+    checked = preflight(cfg)  # a bad model or teacher folder is named before a cluster is started
     init_ray(cfg)
     check_ray_resources(cfg)
-    run_dir = run(cfg, logs)
+    run_dir = run(cfg, logs, checked)
     records = read_run(run_dir)
     return run_summary(run_dir, records, plot_run(records, cfg.run.name, run_dir / "plots" / "curves.png"))
 

@@ -69,14 +69,15 @@ def preflight(cfg: Config):
     return model_path, processor
 
 
-def run(cfg: Config, log_dir: Path | None = None) -> Path:
+def run(cfg: Config, log_dir: Path | None = None, checked: tuple | None = None) -> Path:
     """Train to `run.steps`, resuming from this run's latest checkpoint unless `checkpoint.resume=never`; returns
     the run directory (config.yaml, metrics.jsonl, checkpoints/, final/). Raises Preempted after a SIGTERM.
-    `log_dir`: where each actor's output goes (None: through Ray to this process)."""
+    `log_dir`: where each actor's output goes (None: through Ray to this process). `checked`: what `preflight(cfg)`
+    returned, where the caller ran it already (before starting Ray)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    model_path, processor = preflight(cfg)
+    model_path, processor = checked or preflight(cfg)
     prompts = prompt_stream(cfg, processor)
     held_out = None
     if cfg.eval.every_steps:  # read before any actor starts, so a bad eval file costs no start-up

@@ -18,6 +18,7 @@ from pathlib import Path
 from statistics import fmean
 
 from vigos_ray.config import Config, MetricsConfig, to_container
+from vigos_ray.grading import grade
 from vigos_ray.types import RankStep
 
 log = logging.getLogger(__name__)
@@ -197,12 +198,9 @@ def merge_segments(ranks: list[RankStep]) -> dict[str, dict[str, float]]:
 
 
 def step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teacher_s, seconds) -> dict:
-    answers = {s.id: s.answer.strip().lower() for s in samples}
+    answers = {s.id: s.answer for s in samples}
     valid = [sp for sp in spans if sp.valid]
-    correct = [
-        sp.valid and (sp.answer or "").strip().lower() == answers[r.sample_id]
-        for r, sp in zip(rollouts, spans, strict=True)
-    ]
+    correct = [sp.valid and grade(sp.answer, answers[r.sample_id]) for r, sp in zip(rollouts, spans, strict=True)]
     completion_tokens = sum(len(r.completion_ids) for r in rollouts)
     teacher_tokens = {name: sum(len(row.input_ids) for row in rows) for name, rows in plan.teacher_rows.items()}
     learner_tokens = sum(len(row.input_ids) for row in plan.student_rows)

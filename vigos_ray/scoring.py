@@ -124,6 +124,6 @@ def concat_targets(targets: Sequence[TeacherTargets]) -> TeacherTargets:
     payload = targets[0].payload
     if any(t.payload != payload for t in targets):
         raise ValueError("cannot concatenate teacher targets of different payloads")
-    names = ("hidden", "topk_ids", "topk_logprobs", "tail_logprob", "token_logprobs")
-    fields = {n: torch.cat([getattr(t, n) for t in targets]) for n in names if getattr(targets[0], n) is not None}
+    fields = {n: torch.cat([getattr(t, n) for t in targets]) for n in TeacherTargets.TENSORS
+              if getattr(targets[0], n) is not None}  # fmt: skip
     return TeacherTargets(payload, **fields)

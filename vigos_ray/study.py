@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vigos_ray.config import Config, ConfigError, load_config, save_config, to_container
+from vigos_ray.metrics import flatten
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def claim_folder(cfg: Config, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, saved)
         return
-    before, now = _flat(to_container(load_config(saved))), _flat(to_container(cfg))
+    before, now = flatten(to_container(load_config(saved))), flatten(to_container(cfg))
     differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if differ:
         shown = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in differ[:4])
@@ -75,16 +76,6 @@ def claim_folder(cfg: Config, root: Path) -> None:
             f"{root} holds a study with other settings: {shown}{' ...' if len(differ) > 4 else ''}. "
             f"Give this one another run.name, or delete {root} to start over"
         )
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def final_folder(root: Path, arm: Arm) -> Path:

@@ -84,6 +84,8 @@ class TeacherTargets:
     sampled: `token_logprobs` [n] = log q(y_t) at temperature.
     """
 
+    TENSORS = ("hidden", "topk_ids", "topk_logprobs", "tail_logprob", "token_logprobs")  # (a class constant)
+
     payload: str
     hidden: Any = None
     topk_ids: Any = None
@@ -93,8 +95,7 @@ class TeacherTargets:
 
     def to(self, device) -> TeacherTargets:
         """The same targets with every tensor on `device` (teachers ship CPU tensors; the learner may be on GPU)."""
-        names = ("hidden", "topk_ids", "topk_logprobs", "tail_logprob", "token_logprobs")
-        moved = {n: getattr(self, n).to(device) for n in names if getattr(self, n) is not None}
+        moved = {n: getattr(self, n).to(device) for n in self.TENSORS if getattr(self, n) is not None}
         return TeacherTargets(self.payload, **moved)
 
     def __len__(self) -> int:
