@@ -88,6 +88,9 @@ class RolloutWorker:
             kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = r.kv_cache_memory_bytes  # else vLLM reserves most of the RAM
+            from workers.top_p import TopPAmongTopK
+
+            kwargs["logits_processors"] = [TopPAmongTopK]  # top-p over the top-k only (workers/top_p.py)
         return LLM(**kwargs)
 
     def generate(self, samples: list[Sample], seed: int, decoding: Decoding | None = None) -> list[Rollout]:
@@ -110,6 +113,11 @@ class RolloutWorker:
         from vllm import SamplingParams
 
         n = r.samples_per_prompt
+        top_p, extra = r.top_p, None
+        if r.num_gpus == 0 and r.top_k > 0 and r.top_p < 1.0:  # on CPU: top-p among the top-k (workers/top_p.py)
+            from workers.top_p import KEY
+
+            top_p, extra = 1.0, {KEY: (r.top_k, r.top_p)}
         prompts, params = [], []
         for s, ctx in zip(samples, contexts, strict=True):
             for j in range(n):
@@ -117,8 +125,8 @@ class RolloutWorker:
                 # already-expanded ids was measured to change the output (log-probs off by ~2e-2 from HF's).
                 prompts.append({"prompt": ctx.text, "multi_modal_data": {"image": s.image}})
                 params.append(SamplingParams(
-                    temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
-                    logprobs=0, seed=sample_seed(seed, s.id, j), allowed_token_ids=self.allowed_ids,
+                    temperature=r.temperature, top_p=top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
+                    logprobs=0, seed=sample_seed(seed, s.id, j), allowed_token_ids=self.allowed_ids, extra_args=extra,
                 ))  # fmt: skip
         lengths = [len(ctx.input_ids) for ctx in contexts for _ in range(n)]
         budget = None if r.num_gpus > 0 else self._engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens

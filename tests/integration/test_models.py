@@ -184,6 +184,32 @@ def test_vllm_sampling_is_reproducible_by_seed(vllm_worker, samples):
     assert [r.completion_ids for r in alone] == [r.completion_ids for r in a[2:]]
 
 
+def test_top_p_among_top_k_samples_what_vllms_own_top_p_samples(vllm_worker, samples):
+    """On CPU the rollout worker hands vLLM top_p=1 and applies top-p among the top-k itself (workers/top_p.py):
+    in the same engine, with the same seeds, the sampled tokens equal those of vLLM's own top-p."""
+    import ray
+
+    def sample_three_ways(worker, samples):
+        from vllm import SamplingParams
+
+        from workers.top_p import KEY
+
+        r, proc = worker.cfg.rollout, worker.processor
+        prompts = [{"prompt": encode(proc, student_text(proc, s.problem, worker.cfg.prompts), s.image).text,
+                    "multi_modal_data": {"image": s.image}} for s in samples]  # fmt: skip
+
+        def run(**top_p) -> list[list[int]]:
+            params = [SamplingParams(temperature=r.temperature, top_k=r.top_k, max_tokens=48, seed=7 + i, **top_p)
+                      for i in range(len(samples))]  # fmt: skip
+            return [list(o.outputs[0].token_ids) for o in worker._engine.generate(prompts, params, use_tqdm=False)]
+
+        return run(top_p=r.top_p), run(top_p=1.0, extra_args={KEY: (r.top_k, r.top_p)}), run(top_p=1.0)
+
+    vllms, ours, without = ray.get(vllm_worker[1].__ray_call__.remote(sample_three_ways, samples[:4]), timeout=300)
+    assert ours == vllms
+    assert without != vllms  # top-p changes what is sampled here: the comparison can fail
+
+
 def test_hf_backend_gives_the_same_interface_and_consistent_logprobs(ray_cluster, tiny_fast, samples):
     from workers.rollout import RolloutWorker
 
