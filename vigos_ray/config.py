@@ -117,7 +117,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     samples_per_prompt: int = 1
     temperature: float = 1.1
-    top_p: float = 0.95
+    top_p: float = 0.95  # with top_k set, on CPU applied among the top-k only (workers/top_p.py: same tokens)
     top_k: int = 20
     max_new_tokens: int = 96  # a warm-started tiny model's answer is about 70 tokens
     # vLLM KV-cache size. On CPU pass bytes (else vLLM reserves most of RAM); on GPU a memory fraction.
