@@ -57,6 +57,7 @@ def pools(ray_cluster, tiny_fast):
         pool.shutdown()
 
 
+@pytest.mark.e2e  # three teacher actors (~15 s); the default suite's pipeline scores through teacher actors too
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_teacher_actor_scores_like_the_library_function(pools, tiny_fast, plan_rows, payload):
     cfg, pool = payload_config(payload), pools[payload]
