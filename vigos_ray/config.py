@@ -287,8 +287,11 @@ class LearnerConfig:
 
 @dataclass
 class WeightSyncConfig:
-    # `collective`: broadcast over a gloo (CPU) process group of its own; `object_store`: Ray's object store.
-    transport: Literal["collective", "object_store"] = "collective"
+    # How a push travels (vigos_ray/transports/): `gloo` (CPU buffers), `nccl` (GPU to GPU), `ipc` (learner rank 0
+    # and the engine on one GPU), `object_store` (Ray's object store: the push does not wait for the receivers;
+    # rollout.tensor_parallel_size 1 only). `auto`: gloo when either end is on CPU, else ipc or nccl by whether
+    # learner rank 0 and the engines share a GPU. `collective` is the former name of gloo.
+    transport: str = "auto"
     bucket_mb: int = 256  # tensors are packed into buckets of about this size
     timeout_s: float = 600.0  # a push that takes longer raises instead of hanging
     # After the first full push, send only the parts of the model that training changes (with LoRA: the adapted
@@ -296,6 +299,12 @@ class WeightSyncConfig:
     delta: bool = True
 
     def __post_init__(self) -> None:
+        from vigos_ray.transports import available
+
+        if self.transport == "collective":
+            self.transport = "gloo"
+        names = sorted(available() | {"auto"})
+        _require(self.transport in names, "weight_sync.transport", f"must be one of {names} (got {self.transport!r})")
         _require(self.bucket_mb >= 1, "weight_sync.bucket_mb", f"must be >= 1 (got {self.bucket_mb})")
         _require(self.timeout_s > 0, "weight_sync.timeout_s", f"must be > 0 (got {self.timeout_s})")
 
@@ -484,6 +493,18 @@ class Config:
                 self.teachers.payload != "sampled",
                 "loss.clip_mode",
                 "entry-wise clipping needs teacher distributions; use clip_mode=token with sampled payloads",
+            )
+        transport = self.weight_sync.transport
+        if transport in ("nccl", "ipc"):
+            on_gpu = self.learner.num_gpus > 0 and self.rollout.num_gpus > 0 and self.rollout.backend == "vllm"
+            why = "needs the learner and vLLM rollout workers on GPUs (learner.num_gpus, rollout.num_gpus > 0)"
+            _require(on_gpu, "weight_sync.transport", f"{transport} {why}; use gloo or auto on CPU")
+        if transport == "object_store":
+            _require(
+                self.rollout.tensor_parallel_size == 1,
+                "weight_sync.transport",
+                "object_store reaches Ray workers only, not the engine workers of rollout.tensor_parallel_size > 1: "
+                "use auto, gloo or nccl",
             )
 
 

@@ -149,7 +149,7 @@ def train(
         t_train = time.perf_counter()
         mark(step, "push")
         # async + object store: the learner does not wait for the rollout workers to finish sampling and load
-        push, _ = pipe.push_weights(wait=not (ahead and cfg.weight_sync.transport == "object_store"))
+        push, _ = pipe.push_weights(wait=not (ahead and not pipe.streams))
         stages = {"rollout_wait": t_rollout - t0, "plan": t_plan - t_rollout, "teachers": t_score - t_plan,
                   "learner": t_train - t_score, "push": time.perf_counter() - t_train}  # fmt: skip
         seconds = time.perf_counter() - t0

@@ -22,6 +22,7 @@ from vigos_ray.batching import split_batch
 from vigos_ray.config import Config
 from vigos_ray.data import Sample
 from vigos_ray.objective import BatchPlan, segments
+from vigos_ray.transports import Endpoint, choose, transport_class, visible_gpus
 from vigos_ray.types import Decoding, RankStep
 from vigos_ray.weight_sync import PushGroupError, PushReceipt, PushReport, WeightSyncError
 from workers.group import Pending, WorkerGroup, wait_all
@@ -43,6 +44,7 @@ class Pipeline:
         """`log_dir`: each actor's output goes to `<log_dir>/<actor>.log` (None: through Ray to this process)."""
         self.cfg, self.version = cfg, 0
         self._unconfirmed = None  # (receipts in flight, report) of a push made with wait=False
+        self.transport: str | None = None  # weight_sync.transport, `auto` resolved at the first group formation
         t0 = time.perf_counter()
         r, lc, timeout = cfg.rollout, cfg.learner, cfg.weight_sync.timeout_s
         args = (cfg, str(model_path))
@@ -83,14 +85,26 @@ class Pipeline:
                 )
 
     def _open_sync_group(self) -> None:
-        if self.cfg.weight_sync.transport != "collective":
-            return
-        host, port = ray.get(self.learner.actors[0].address.remote(), timeout=self.cfg.weight_sync.timeout_s)
-        world = 1 + len(self.rollout.actors)
-        pending = [self.learner.call_all_async("open_sync_group", host, port, world),
-                   self.rollout.call_all_async("open_sync_group", host, port, world)]  # fmt: skip
+        """Form the weight-push group: learner rank 0 (rank 0, hosting its store) and every engine worker of every
+        rollout worker; both ends join at once (each waits in the rendezvous for the other)."""
+        ws, r = self.cfg.weight_sync, self.cfg.rollout
+        if self.transport is None:
+            self.transport = self._choose_transport() if ws.transport == "auto" else ws.transport
+            log.info("weight push: %s", self.transport)
+        host, port = ray.get(self.learner.actors[0].address.remote(), timeout=ws.timeout_s)
+        engine_workers = r.tensor_parallel_size if r.backend == "vllm" else 1
+        endpoint = Endpoint(self.transport, host, port, 1 + len(self.rollout.actors) * engine_workers, ws.timeout_s)
+        pending = [self.learner.call_all_async("open_sync_group", endpoint),
+                   self.rollout.call_all_async("open_sync_group", endpoint)]  # fmt: skip
         for p in pending:
             p.result()
+
+    def _choose_transport(self) -> str:
+        """`auto`: from the GPUs learner rank 0 and each rollout worker hold (none: gloo)."""
+        timeout = self.cfg.weight_sync.timeout_s
+        learner = ray.get(self.learner.actors[0].__ray_call__.remote(visible_gpus), timeout=timeout)
+        engines = ray.get([a.__ray_call__.remote(visible_gpus) for a in self.rollout.actors], timeout=timeout)
+        return choose(learner, engines)
 
     # ---- stages ------------------------------------------------------------------------------------------------
 
@@ -145,10 +159,11 @@ class Pipeline:
         breaks it for every member: wait for Ray's restart, re-form the push group and push again. `version`: an
         earlier version the learner keeps, instead of the current one.
 
-        `wait=False` (async mode, `object_store` transport): return once the learner has put the weights in the
-        object store; each rollout worker loads them when its sampling call in flight ends (a worker runs its
-        calls in the order they were made, so its next batch uses the new weights). The receipts are checked by
-        `settle()`, at the latest before the next push; the report's seconds are then the learner's part."""
+        `wait=False` (async mode, a transport that does not stream: object_store): return once the learner has put
+        the weights in the object store; each rollout worker loads them when its sampling call in flight ends (a
+        worker runs its calls in the order they were made, so its next batch uses the new weights). The receipts
+        are checked by `settle()`, at the latest before the next push; the report's seconds are then the learner's
+        part."""
         self.settle()
         for attempt in range(RESTARTS + 1):
             try:
@@ -191,16 +206,14 @@ class Pipeline:
         full = self._full_next or not ws.delta
         specs = self.specs if full else self.delta_specs
         t0 = time.perf_counter()
-        sent = self.learner.call_all_async("push_weights", specs, ws.transport, bucket, full, version)
-        if ws.transport == "collective":
-            got = self.rollout.call_all_async("receive_weights", version, specs, ws.transport, bucket,
-                                              full=full)  # fmt: skip
+        sent = self.learner.call_all_async("push_weights", specs, bucket, full, version)
+        if self.streams:  # the receivers take the buckets as they are sent
+            got = self.rollout.call_all_async("receive_weights", version, specs, bucket, full=full)
             report, _ = sent.result()[0]
             receipts = got.result()
-        else:
-            report, refs = sent.result()[0]
-            got = self.rollout.call_all_async("receive_weights", version, specs, ws.transport, bucket,
-                                              refs=refs, expected=report.checksum, full=full)  # fmt: skip
+        else:  # the receivers fetch what the sender left (object_store)
+            report, handles = sent.result()[0]
+            got = self.rollout.call_all_async("receive_weights", version, specs, bucket, handles=handles, full=full)
             if not wait:
                 self._unconfirmed, self._full_next = (got, report), False
                 return dataclasses.replace(report, seconds=time.perf_counter() - t0), []
@@ -208,6 +221,11 @@ class Pipeline:
         self._check_receipts(report, receipts)
         self._full_next = False
         return dataclasses.replace(report, seconds=time.perf_counter() - t0), receipts
+
+    @property
+    def streams(self) -> bool:
+        """Whether rollout workers take a push while it is sent (else after: the push need not wait for them)."""
+        return transport_class(self.transport).streams
 
     def critical_nodes(self) -> set[str]:
         """Ray nodes whose loss ends the run: the learner ranks' and the driver's (rollout and teacher actors are

@@ -1,32 +1,34 @@
-"""Weight push from learner rank 0 to the rollout workers: bucketed, versioned, timed and checksum-verified.
+"""Weight push from learner rank 0 to the rollout engines: bucketed, versioned, timed and checksum-verified.
 
-The sender walks the student's weights in a fixed order (LoRA adapters merged into their base weights, cast to
-the rollout dtype) and packs them into byte buckets. Transports:
-- `collective`: a broadcast per bucket over a process group of its own (learner rank 0 + every rollout worker),
-  built on its own TCP store: the learner's default group is its FSDP group and vLLM's in-process engine owns
-  the rollout worker's default group, so neither can be used.
-- `object_store`: each bucket is put once into Ray's object store; rollout workers fetch the references.
-Receivers hash what arrived and the driver compares it with what was sent; a mismatch fails the step loudly and
-leaves the rollout worker stale (it refuses to sample) instead of sampling from corrupted weights.
+The sender walks the student's weights in a fixed order (LoRA adapters merged into their base weights, already in
+the rollout dtype) and packs them into byte buckets on the transport's device; after each bucket it sends the
+bucket's digest. Receivers take the buckets one at a time: each is hashed where it arrived and handed to the
+engine's loader only if its digest equals the sender's, so a receiver holds at most two buckets, never a second
+copy of the model, and a corrupted bucket is never loaded. A receiver that refused a bucket (or lost the group)
+stays stale: it refuses to sample until a verified full push lands. How the bytes travel is a transport
+(`vigos_ray/transports/`: gloo, nccl, ipc, object_store); on the engine side the receive runs inside vLLM's
+weight-transfer lifecycle (`workers/weight_receiver.py`), in every engine worker (tensor-parallel rank).
 
 A push is `full` (every tensor) or a delta: only the load units (`load_unit`) that hold a tensor the learner trains.
 With LoRA the embeddings, the output head and every other frozen part never change, so after the first full push
 of a lineage they stay in the engine. Every tensor is hashed on its own, so both ends can also digest the whole
-state they hold (`state_digest`): the driver checks that each engine holds exactly what the learner last sent,
-deltas included, not only that the last push arrived intact.
+state they hold (`state_digest`): the driver checks that each engine worker holds exactly what the learner last
+sent, deltas included, not only that the last push arrived intact.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
+
+from vigos_ray.transports import PushGroupError, Transport
+
+__all__ = ["PushGroupError"]  # raised by the transports; re-exported for the callers of a push
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,8 +75,9 @@ class PushReceipt:
     checksum: str  # digest of the tensors that arrived
     state: str  # digest of every tensor the worker now holds
     bytes: int
-    receive_s: float
-    apply_s: float  # loading into the engine and resetting its caches
+    receive_s: float  # taking every bucket and loading it (they overlap)
+    apply_s: float  # finishing the engine's reload and resetting its caches
+    engine_workers: int = 1  # each took the whole push and holds the same digests
 
     def matches(self, report: PushReport) -> bool:
         return (self.checksum, self.state, self.version) == (report.checksum, report.state, report.version)
@@ -163,12 +166,10 @@ class WeightSyncError(RuntimeError):
     """What arrived differs from what was sent; the receiver stays stale."""
 
 
-class PushGroupError(WeightSyncError):
-    """The weight-push group broke mid-push (a member died or timed out); re-form the group and push again."""
-
-
 class Digests:
-    """BLAKE2b of every tensor's bytes, by name, in the order they were added; sender and receivers must agree."""
+    """A digest of every tensor's bytes, by name, in the order they were added; sender and receivers must agree.
+    BLAKE2b for bytes in host memory; for bytes on a GPU a checksum computed there (`device_checksum`), so a push
+    between GPUs is verified without copying it to the host."""
 
     def __init__(self):
         self.by_name: dict[str, str] = {}
@@ -176,14 +177,42 @@ class Digests:
     def add(self, bucket: torch.Tensor, specs: Sequence[TensorSpec]) -> None:
         """Hash each tensor packed in `bucket` (in `specs` order), in place: no copy, and hashlib releases the GIL
         on large buffers, so a helper thread hashes while the next bucket is packed or on the wire."""
+        if bucket.device.type != "cpu":
+            offsets = [0]
+            for spec in specs:
+                offsets.append(offsets[-1] + spec.nbytes)
+            sums = [device_checksum(bucket[lo:hi]) for lo, hi in zip(offsets, offsets[1:], strict=False)]
+            for spec, (s1, s2) in zip(specs, torch.stack([torch.stack(x) for x in sums]).tolist(), strict=True):
+                self.by_name[spec.name] = f"{spec.nbytes:x}.{s1 % 2**64:016x}{s2 % 2**64:016x}"
+            return
         data, offset = memoryview(bucket.numpy()), 0
         for spec in specs:
             self.by_name[spec.name] = hashlib.blake2b(data[offset : offset + spec.nbytes], digest_size=16).hexdigest()
             offset += spec.nbytes
 
-    def hexdigest(self) -> str:
-        """One digest over the tensors added, in order: what a push carried."""
-        return combine(self.by_name.items())
+    def hexdigest(self, names: Iterable[str] | None = None) -> str:
+        """One digest over the tensors added (or over `names`), in order: what a push (or a bucket) carried."""
+        names = self.by_name if names is None else names
+        return combine((name, self.by_name[name]) for name in names)
+
+
+def device_checksum(data: torch.Tensor, words_per_chunk: int = 2**24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two wrapping sums over the 8-byte words of `data` (uint8), computed on its device: plain, and weighted by
+    position (Fletcher-style), so a flipped bit or two swapped words change it. Returned as 0-d int64 tensors on
+    the device (read them together, one synchronisation per bucket); the weights are made chunk by chunk, so the
+    extra memory is bounded by `words_per_chunk`."""
+    n = data.numel()
+    if n % 8 or data.storage_offset() % 8:  # words must be whole and aligned: a padded copy
+        data = torch.cat([data, data.new_zeros(-n % 8)])
+    words = data.view(torch.int64)
+    plain = torch.zeros((), dtype=torch.int64, device=data.device)
+    weighted = torch.zeros((), dtype=torch.int64, device=data.device)
+    for lo in range(0, words.numel(), words_per_chunk):
+        chunk = words[lo : lo + words_per_chunk]
+        plain += chunk.sum()
+        position = torch.arange(lo + 1, lo + 1 + chunk.numel(), dtype=torch.int64, device=data.device)
+        weighted += (chunk * position).sum()
+    return plain, weighted
 
 
 def combine(digests: Iterable[tuple[str, str]]) -> str:
@@ -213,133 +242,94 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
-class SyncGroup:
-    """A gloo process group of its own, on its own TCP store (rank 0 hosts the store), for weight pushes.
+DIGEST_BYTES = 16  # the message after each bucket: the bucket's digest
 
-    A failed broadcast (a member died: gloo notices the closed connection at once; a member hung: after
-    `timeout_s`) raises PushGroupError and closes this end of the group, which makes the members still waiting in
-    it fail at once too instead of at their timeout. A closed group refuses further use: form a new one."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0):
-        self._store = torch.distributed.TCPStore(host, port, world_size, rank == 0, timedelta(seconds=timeout_s))
-        self._pg = torch.distributed.ProcessGroupGloo(self._store, rank, world_size, timedelta(seconds=timeout_s))
-
-    def broadcast(self, buffer: torch.Tensor) -> None:
-        """Rank 0's `buffer` into every member's `buffer`."""
-        self.broadcast_async(buffer)()
-
-    def broadcast_async(self, buffer: torch.Tensor):
-        """Start the broadcast of `buffer` and return a function that waits for it. Broadcasts complete in the
-        order they were started; the caller must not touch `buffer` before waiting."""
-        if self._pg is None:
-            raise PushGroupError("this weight-push group was closed after a failure; form a new one")
-        try:
-            work = self._pg.broadcast(buffer, 0)
-        except RuntimeError as err:
-            self._fail(err)
-
-        def wait() -> None:
-            try:
-                work.wait()
-            except RuntimeError as err:
-                self._fail(err)
-
-        return wait
-
-    def _fail(self, err: RuntimeError):
-        message = f"the weight-push group broke: {str(err).splitlines()[0]}"
-        del err
-        self.close()
-        raise PushGroupError(message)
-
-    def close(self) -> None:
-        self._pg = self._store = None
-        gc.collect()  # drop the last reference now: gloo closes its connections when the group is destroyed
+def _digest_message(hexdigest: str, device: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray.fromhex(hexdigest), dtype=torch.uint8).to(device)
 
 
 def send(
-    weights: Iterator[tuple[str, torch.Tensor]],
-    specs: Sequence[TensorSpec],
-    bucket_bytes: int,
-    transport: str,
-    group=None,
-) -> tuple[Digests, int, list]:
-    """Send `weights` (in `specs` order) bucket by bucket; returns (per-tensor digests, bytes, object refs or []).
+    weights: Iterator[tuple[str, torch.Tensor]], specs: Sequence[TensorSpec], bucket_bytes: int, transport: Transport
+) -> tuple[Digests, int]:
+    """Send `weights` (in `specs` order) bucket by bucket, each followed by its digest; returns (per-tensor
+    digests, bytes).
 
     Pipelined: bucket k+1 is cast and packed while bucket k is on the wire, and a helper thread hashes each bucket
-    once it is packed, so the wire, the packing and the hashing overlap. Each tensor is copied into its bucket as
-    soon as it is yielded, so `weights` may hand out memory it reuses right after (an FSDP unit's gathered view)."""
-    digests, total, refs = Digests(), 0, []
-    with ThreadPoolExecutor(1) as hasher:  # one thread: buckets are hashed in order
-        hashed, wait = [], None
+    while it travels, so at most two buckets are alive. Each tensor is copied into its bucket as soon as it is
+    yielded, so `weights` may hand out memory it reuses right after (an FSDP unit's gathered view)."""
+    digests, total = Digests(), 0
+    in_flight: list[Callable[[], None]] = []
+    with ThreadPoolExecutor(1) as hasher:
         for bucket in plan_buckets(specs, bucket_bytes):
-            buffer = torch.empty(sum(specs[i].nbytes for i in bucket), dtype=torch.uint8)
+            bucket_specs = [specs[i] for i in bucket]
+            buffer = torch.empty(sum(s.nbytes for s in bucket_specs), dtype=torch.uint8, device=transport.device)
             offset = 0
-            for i in bucket:  # each tensor is copied in as it arrives: the sender may reuse its memory after
+            for spec in bucket_specs:  # each tensor is copied in as it arrives: the sender may reuse its memory after
                 name, t = next(weights)
-                spec = specs[i]
                 if name != spec.name or tuple(t.shape) != spec.shape:
                     raise RuntimeError(f"weight {name} {tuple(t.shape)} does not match the announced {spec}")
                 copy_cast(buffer, offset, t, spec)
                 offset += spec.nbytes
-            hashed.append(hasher.submit(digests.add, buffer, [specs[i] for i in bucket]))
+            hashed = hasher.submit(digests.add, buffer, bucket_specs)
+            in_flight.append(transport.send(buffer))
+            hashed.result()
+            names = [s.name for s in bucket_specs]
+            in_flight.append(transport.send(_digest_message(digests.hexdigest(names), transport.device)))
             total += buffer.numel()
-            if transport == "collective":
-                if wait is not None:
-                    wait()
-                wait = group.broadcast_async(buffer)
-            else:
-                import ray
-
-                refs.append(ray.put(buffer))
-        if wait is not None:
+            while len(in_flight) > 2:  # the bucket before this one has left: its memory may go
+                in_flight.pop(0)()
+        for wait in in_flight:
             wait()
-        for h in hashed:
-            h.result()
-    if transport == "collective":  # receivers verify before they apply anything
-        group.broadcast(torch.frombuffer(bytearray.fromhex(digests.hexdigest()), dtype=torch.uint8))
-    return digests, total, refs
+    return digests, total
 
 
 def copy_cast(buffer: torch.Tensor, offset: int, t: torch.Tensor, spec: TensorSpec) -> None:
-    """`t` cast to its spec's dtype while it is copied into `buffer` at `offset` (a single pass)."""
+    """`t` cast to its spec's dtype while it is copied into `buffer` at `offset` (a single pass; none when `t` is
+    already in that dtype, as the learner's gathered weights are)."""
     dtype = DTYPES[spec.dtype]
+    t = t.detach()
     if offset % dtype.itemsize == 0:
-        buffer[offset : offset + spec.nbytes].view(dtype).view(spec.shape).copy_(t.detach())
+        buffer[offset : offset + spec.nbytes].view(dtype).view(spec.shape).copy_(t)
     else:  # an odd offset after a smaller dtype: cast first, then copy the bytes
-        buffer[offset : offset + spec.nbytes] = pack([t.detach().to(dtype)])
+        buffer[offset : offset + spec.nbytes] = t.to(dtype).contiguous().reshape(-1).view(torch.uint8)
 
 
-def receive(specs: Sequence[TensorSpec], bucket_bytes: int, transport: str, group=None, refs=(), expected: str = ""):
-    """Every bucket of a push, verified against the sender's checksum (broadcast last in `collective`, passed as
-    `expected` with `object_store`); returns ([(name, tensor)], per-tensor digests, bytes) or raises
-    WeightSyncError."""
-    digests, total, named = Digests(), 0, []
+Loader = Callable[[list[tuple[str, torch.Tensor]]], None]
+
+
+def receive(
+    specs: Sequence[TensorSpec], bucket_bytes: int, transport: Transport, load: Loader | None
+) -> tuple[Digests, int]:
+    """Every bucket of a push, each verified against the digest the sender sent after it before `load` gets it;
+    returns (per-tensor digests, bytes). The next bucket arrives while this one is hashed and loaded, so at most
+    two are held. A bucket whose digest differs is not loaded: the rest of the push is still taken (the sender
+    is not left waiting for a receiver that gave up) but not loaded, and WeightSyncError is raised at the end.
+    `load=None`: take and verify the push without loading it."""
     buckets = [[specs[i] for i in bucket] for bucket in plan_buckets(specs, bucket_bytes)]
-    if transport == "collective":  # every receive is posted at once (the whole push is held until verified anyway)
-        buffers = [torch.empty(sum(s.nbytes for s in b), dtype=torch.uint8) for b in buckets]
-        waits = [group.broadcast_async(buffer) for buffer in buffers]
-        digest = torch.empty(16, dtype=torch.uint8)
-        waits.append(group.broadcast_async(digest))
-    with ThreadPoolExecutor(1) as hasher:  # bucket k is hashed while bucket k+1 arrives
-        hashed = []
-        for k, bucket_specs in enumerate(buckets):
-            if transport == "collective":
-                waits[k]()
-                buffer = buffers[k]
-            else:
-                import ray
 
-                buffer = ray.get(refs[k])
-            hashed.append(hasher.submit(digests.add, buffer, bucket_specs))
-            total += buffer.numel()
-            named += [(s.name, t) for s, t in zip(bucket_specs, unpack(buffer, bucket_specs), strict=True)]
-        for h in hashed:
-            h.result()
-    if transport == "collective":
-        waits[-1]()
-        expected = bytes(digest.tolist()).hex()
-    arrived = digests.hexdigest()
-    if arrived != expected:
-        raise WeightSyncError(f"weights arrived with checksum {arrived}, sender sent {expected}; not applied")
-    return named, digests, total
+    def post(bucket_specs):
+        return transport.recv(sum(s.nbytes for s in bucket_specs)), transport.recv(DIGEST_BYTES)
+
+    digests, total, failure = Digests(), 0, None
+    posted = post(buckets[0]) if buckets else None
+    for k, bucket_specs in enumerate(buckets):
+        (data, digest), posted = posted, (post(buckets[k + 1]) if k + 1 < len(buckets) else None)
+        buffer, expected = data(), bytes(digest().cpu().tolist()).hex()
+        total += buffer.numel()
+        if failure is not None:
+            continue
+        digests.add(buffer, bucket_specs)
+        arrived = digests.hexdigest([s.name for s in bucket_specs])
+        if arrived != expected:
+            failure = WeightSyncError(f"bucket {k} ({bucket_specs[0].name}, ...) arrived with checksum {arrived}, "
+                                      f"the sender sent {expected}; it was not loaded")  # fmt: skip
+        elif load is not None:
+            try:
+                load(list(zip([s.name for s in bucket_specs], unpack(buffer, bucket_specs), strict=True)))
+            except Exception as err:  # noqa: BLE001 -- re-raised once the sender is done
+                failure = err
+    if failure is not None:
+        raise failure
+    return digests, total
+

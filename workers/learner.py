@@ -36,6 +36,7 @@ from vigos_ray.models import (
 )
 from vigos_ray.objective import segments, student_loss
 from vigos_ray.scoring import output_head
+from vigos_ray.transports import Endpoint, open_transport
 from vigos_ray.types import RankStep, SegmentSums
 from workers.sharded_start import CheckpointRows, FrozenHead, empty_model, init_lora, materialize
 
@@ -83,7 +84,7 @@ class LearnerWorker:
         self.threads = use_cpu_threads(cfg, "learner", cfg.learner.num_gpus > 0)
         self.version = 0
         self.kept: deque = deque(maxlen=0)  # (version, trainable tensors) of recent versions (`train_step`'s keep)
-        self.sync = None  # the weight-push group (rank 0 only)
+        self.transport = None  # rank 0: its end of the weight-push group
         self.sent: dict[str, str] = {}  # digest of every tensor the rollout workers should hold (rank 0 only)
         self.device = torch.device("cuda" if cfg.learner.num_gpus > 0 else "cpu")
         tokenizer = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
@@ -311,10 +312,13 @@ class LearnerWorker:
         trained = (weight_sync.merged_name(n) for n, p in self.student.named_parameters() if p.requires_grad)
         return weight_sync.changing_specs(specs, trained)
 
-    def open_sync_group(self, host: str, port: int, world_size: int) -> None:
-        """Rank 0 joins the weight-push group as its rank 0 (the store host); other ranks have nothing to do."""
+    def open_sync_group(self, endpoint: Endpoint) -> None:
+        """Rank 0 joins the weight-push group as its sender (rank 0, the store host); other ranks have nothing to
+        do. A group of an earlier formation is left first."""
         if self.rank == 0:
-            self.sync = weight_sync.SyncGroup(host, port, 0, world_size, self.cfg.weight_sync.timeout_s)
+            if self.transport is not None:
+                self.transport.close()
+            self.transport = open_transport(endpoint, 0)
 
     @contextmanager
     def _weights_of(self, version: int):
@@ -337,31 +341,32 @@ class LearnerWorker:
                 for p, now in zip(self.trainable, current, strict=True):
                     p.copy_(now)
 
-    def push_weights(self, specs: list[weight_sync.TensorSpec], transport: str, bucket_bytes: int, full: bool = True,
+    def push_weights(self, specs: list[weight_sync.TensorSpec], bucket_bytes: int, full: bool = True,
                      version: int | None = None):  # fmt: skip
-        """Every rank gathers the tensors in `specs`; rank 0 sends them. `full`: `specs` is every tensor (the
-        receivers start a new lineage), else a delta on top of the last full push. `version`: a kept version's
-        weights instead of the current ones. Returns rank 0's PushReport and object refs (object_store), else
-        None."""
+        """Every rank gathers the tensors in `specs`; rank 0 sends them through the push group. `full`: `specs` is
+        every tensor (the receivers start a new lineage), else a delta on top of the last full push. `version`: a
+        kept version's weights instead of the current ones. Returns rank 0's PushReport and the transport's
+        handles for the receivers (object_store), else None."""
         version = self.version if version is None else version
         with self._weights_of(version):
-            return self._push(specs, transport, bucket_bytes, full, version)
+            return self._push(specs, bucket_bytes, full, version)
 
-    def _push(self, specs: list[weight_sync.TensorSpec], transport: str, bucket_bytes: int, full: bool, version: int):
+    def _push(self, specs: list[weight_sync.TensorSpec], bucket_bytes: int, full: bool, version: int):
         t0 = time.perf_counter()
         weights = self._weights_on_rank0(names=None if full else {spec.name for spec in specs})
         if weights is None:
             return None
         try:
-            digests, nbytes, refs = weight_sync.send(weights, specs, bucket_bytes, transport, self.sync)
+            digests, nbytes = weight_sync.send(weights, specs, bucket_bytes, self.transport)
         except weight_sync.PushGroupError:
             for _ in weights:  # the other ranks are still gathering: finish every all-gather with them, then fail
                 pass
             raise
         self.sent = digests.by_name if full else {**self.sent, **digests.by_name}
         report = weight_sync.PushReport(version, nbytes, time.perf_counter() - t0, digests.hexdigest(),
-                                        transport, weight_sync.state_digest(self.sent), full)  # fmt: skip
-        return report, refs
+                                        self.transport.endpoint.transport, weight_sync.state_digest(self.sent),
+                                        full)  # fmt: skip
+        return report, self.transport.handles()
 
     @torch.no_grad()
     def token_logprobs(self, ids: list[int]) -> list[float]:

@@ -18,8 +18,9 @@ from vigos_ray.data import Sample
 from vigos_ray.models import load_model, load_processor, next_token_logprobs, on_this_node, sampling_token_ids
 from vigos_ray.prompts import encode, student_text
 from vigos_ray.sampling import banned_rows, hf_rollouts, make_rollout, sample_seed
+from vigos_ray.transports import Endpoint, open_transport
 from vigos_ray.types import Decoding, Rollout
-from vigos_ray.weight_sync import PushReceipt, SyncGroup, TensorSpec, WeightSyncError, receive, state_digest
+from vigos_ray.weight_sync import PushReceipt, TensorSpec, WeightSyncError, combine, receive, state_digest
 
 
 def max_new_tokens(cfg: Config) -> int:
@@ -72,14 +73,23 @@ class RolloutWorker:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its per-step CPU warnings drown the run log
         from vllm import LLM
+        from vllm.config import WeightTransferConfig
+
+        from workers.weight_receiver import BACKEND, register
 
         r = self.cfg.rollout
+        register()  # the engine worker in this process; spawned ones load it as a vLLM plugin (setup.cfg)
+        if r.tensor_parallel_size > 1:
+            self._split_cpu_threads(r.tensor_parallel_size)
         kwargs = dict(
             model=self.model_path,
             dtype=self.cfg.model.dtype,
             seed=self.cfg.run.seed + self.worker_index,
             max_model_len=self.cfg.data.max_prompt_tokens + max_new_tokens(self.cfg),
             tensor_parallel_size=r.tensor_parallel_size,
+            # engine workers of a tensor-parallel engine run as processes of this actor, on its GPUs or cores
+            distributed_executor_backend="mp" if r.tensor_parallel_size > 1 else None,
+            weight_transfer_config=WeightTransferConfig(backend=BACKEND),  # every push: workers/weight_receiver.py
             enforce_eager=r.enforce_eager,
             limit_mm_per_prompt={"image": 1, "video": 0},
             mm_processor_kwargs={"min_pixels": self.cfg.model.min_pixels, "max_pixels": self.cfg.model.max_pixels},
@@ -92,6 +102,19 @@ class RolloutWorker:
 
             kwargs["logits_processors"] = [TopPAmongTopK]  # top-p over the top-k only (workers/top_p.py)
         return LLM(**kwargs)
+
+    def _split_cpu_threads(self, tp: int) -> None:
+        """On CPU, vLLM binds each engine worker's threads to cores of its own (VLLM_CPU_OMP_THREADS_BIND) and by
+        default wants a NUMA node per worker; give each tensor-parallel rank an equal share of this actor's cores."""
+        if self.cfg.rollout.num_gpus > 0 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+            return
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < tp:
+            raise ValueError(f"rollout.tensor_parallel_size={tp} on CPU needs a core per rank; this actor may use "
+                             f"{len(cores)} ({cores})")  # fmt: skip
+        share = len(cores) // tp
+        ranks = [cores[i * share : (i + 1) * share] for i in range(tp)]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, c)) for c in ranks)
 
     def generate(self, samples: list[Sample], seed: int, decoding: Decoding | None = None) -> list[Rollout]:
         """`rollout.samples_per_prompt` completions per sample, in sample order; `seed` makes them reproducible.
@@ -153,54 +176,88 @@ class RolloutWorker:
     def use_weights_from(self, folder: str | Path) -> None:
         """Sample from the weights of another Hugging Face folder of the same architecture and tokenizer (one
         engine evaluates several models: a study's arms)."""
-        from safetensors.torch import load_file
-
-        self.version, self.held = None, {}
-        named: dict = {}
-        for shard in sorted(Path(folder).glob("*.safetensors")):
-            named.update(load_file(shard))
-        if not named:
+        shards = sorted(Path(folder).glob("*.safetensors"))
+        if not shards:
             raise FileNotFoundError(f"no *.safetensors weights in {folder}")
-        self._load(list(named.items()))
+        self.version, self.held = None, {}
+        if self._engine is not None:  # every engine worker reads the folder (vLLM's layer-wise reload, as a push)
+            self._engine.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+            self._reset_caches()
+        else:
+            from safetensors.torch import load_file
+
+            self._hf_model.load_state_dict({k: v for shard in shards for k, v in load_file(shard).items()})
         self.version = 0
 
-    def _load(self, named, partial: bool = False) -> None:
-        """Load (name, tensor) pairs in Hugging Face names into the engine; `partial`: only some of its tensors."""
+    @property
+    def _engine_workers(self) -> int:
+        return self.cfg.rollout.tensor_parallel_size if self._engine is not None else 1
+
+    def open_sync_group(self, endpoint: Endpoint) -> None:
+        """Join the weight-push group: this worker's engine workers take ranks 1 + worker_index * tp + tp_rank
+        (learner rank 0 is rank 0)."""
+        first = 1 + self.worker_index * self._engine_workers
         if self._engine is not None:
-            # vLLM's loader maps checkpoint names and repacks for its kernels (direct load_weights is wrong on CPU).
-            # Its layer-wise reload keeps a layer that receives no tensor as it is, but rebuilds a layer from the
-            # tensors it receives: a partial push must carry whole layers (weight_sync.load_unit).
-            self._engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named)})
-            # KV and image-embedding caches hold results of the old weights; the scheduler's encoder-cache
-            # bookkeeping must be dropped with the runner's cache, else the next image request misses.
-            self._engine.reset_prefix_cache()
-            self._engine.llm_engine.reset_encoder_cache()
+            init = {"endpoint": endpoint.as_dict(), "rank_offset": first}
+            self._engine.init_weight_transfer_engine({"init_info": init})
         else:
-            unexpected = self._hf_model.load_state_dict(dict(named), strict=not partial).unexpected_keys
-            if unexpected:
-                raise KeyError(f"pushed weights the model does not have: {unexpected[:3]}")
+            if self._sync is not None:
+                self._sync.close()
+            self._sync = open_transport(endpoint, first)
 
-    def open_sync_group(self, host: str, port: int, world_size: int) -> None:
-        """Join the weight-push group as rank 1 + worker_index (learner rank 0 is rank 0)."""
-        self._sync = SyncGroup(host, port, 1 + self.worker_index, world_size, self.cfg.weight_sync.timeout_s)
-
-    def receive_weights(self, version: int, specs: list[TensorSpec], transport: str, bucket_bytes: int,
-                        refs: list | None = None, expected: str = "", full: bool = True) -> PushReceipt:  # fmt: skip
-        """Receive a push, verify its checksum, load it into the engine, reset caches; returns what arrived and
-        the digest of everything the engine now holds. A delta (`full=False`) loads on top of the last full push
-        and is refused (FullPushNeeded, nothing loaded) by a worker that has none."""
+    def receive_weights(self, version: int, specs: list[TensorSpec], bucket_bytes: int, handles: list | None = None,
+                        full: bool = True) -> PushReceipt:  # fmt: skip
+        """Take a push into every engine worker (each bucket verified before it is loaded), reset the caches;
+        returns what arrived and the digest of everything the engine now holds, the same in every engine worker.
+        A delta (`full=False`) loads on top of the last full push; a worker that has none takes the push without
+        loading it and refuses it (FullPushNeeded). Until a push is verified and loaded the worker is stale."""
         t0 = time.perf_counter()
         self.version = None  # stale until the new weights are verified and loaded
-        named, digests, nbytes = receive(specs, bucket_bytes, transport, self._sync, refs or [], expected)
-        received = time.perf_counter() - t0
-        if not full and not self.held:
-            raise FullPushNeeded(f"rollout worker {self.worker_index} holds no full push to apply a delta to")
+        apply = full or bool(self.held)
         held, self.held = ({} if full else self.held), {}  # no lineage while a load is half done
-        self._load(named, partial=not full)
-        self.held = {**held, **digests.by_name}
+        if self._engine is not None:
+            arrived, nbytes = self._receive_in_engine(specs, bucket_bytes, handles or [], apply)
+        else:
+            self._sync.expect(handles or [])
+            digests, nbytes = receive(specs, bucket_bytes, self._sync, self._load_hf if apply else None)
+            arrived = digests.by_name
+        received = time.perf_counter() - t0
+        if not apply:
+            raise FullPushNeeded(f"rollout worker {self.worker_index} holds no full push to apply a delta to")
+        if self._engine is not None:
+            self._reset_caches()
+        self.held = {**held, **arrived}
         self.version = version
-        return PushReceipt(self.worker_index, version, digests.hexdigest(), state_digest(self.held), nbytes, received,
-                           time.perf_counter() - t0 - received)  # fmt: skip
+        return PushReceipt(self.worker_index, version, combine(arrived.items()), state_digest(self.held), nbytes,
+                           received, time.perf_counter() - t0 - received, self._engine_workers)  # fmt: skip
+
+    def _receive_in_engine(self, specs, bucket_bytes: int, handles: list, apply: bool) -> tuple[dict[str, str], int]:
+        """vLLM's weight-update lifecycle; every engine worker takes the push (workers/weight_receiver.py)."""
+        from workers.weight_receiver import last_arrival
+
+        update = {"specs": [[s.name, list(s.shape), s.dtype] for s in specs], "bucket_bytes": bucket_bytes,
+                  "handles": handles, "load": apply}  # fmt: skip
+        self._engine.start_weight_update()
+        self._engine.update_weights({"update_info": update})  # on failure the receivers finish the update
+        self._engine.finish_weight_update()
+        arrivals = self._engine.collective_rpc(last_arrival)
+        first = arrivals[0]
+        for other in arrivals[1:]:
+            if other.digests != first.digests:
+                raise WeightSyncError(f"engine workers of rollout worker {self.worker_index} took different weights: "
+                                      f"ranks {first.rank} and {other.rank}")  # fmt: skip
+        return first.digests, first.bytes
+
+    def _reset_caches(self) -> None:
+        # KV and image-embedding caches hold results of the old weights; the scheduler's encoder-cache bookkeeping
+        # must be dropped with the runner's cache, else the next image request misses.
+        self._engine.reset_prefix_cache()
+        self._engine.llm_engine.reset_encoder_cache()
+
+    def _load_hf(self, named: list) -> None:
+        unexpected = self._hf_model.load_state_dict(dict(named), strict=False).unexpected_keys
+        if unexpected:
+            raise KeyError(f"pushed weights the model does not have: {unexpected[:3]}")
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[t] | ids[:t]) for t >= 1 under the weights in the engine: the push's end-to-end probe."""

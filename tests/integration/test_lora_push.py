@@ -11,7 +11,6 @@ import torch
 from vigos_ray.driver import prompt_stream, train
 from vigos_ray.models import load_processor
 from vigos_ray.pipeline import Pipeline
-from workers.rollout import FullPushNeeded
 
 from .test_pipeline import PROBE, PROBE_TOL, config, probe_gap
 
@@ -52,13 +51,10 @@ def test_lora_pushes_carry_only_what_training_changes_and_a_worker_without_them_
 
         # A worker that loaded other weights (an evaluation's folder; a restarted worker is the same) holds no
         # lineage: it refuses a delta, loading nothing, and the pipeline sends it every tensor instead.
-        report, refs = pipe.learner.call_all("push_weights", pipe.delta_specs, "object_store", 2**20, False)[0]
         pipe.rollout.call_all("use_weights_from", str(tiny_fast))
-        with pytest.raises(FullPushNeeded, match="holds no full push"):
-            pipe.rollout.call_all("receive_weights", pipe.version, pipe.delta_specs, "object_store", 2**20,
-                                  refs=refs, expected=report.checksum, full=False)  # fmt: skip
         pipe.push_weights()
-        assert "pushing every tensor" in caplog.text and probe_gap(pipe) < PROBE_TOL
+        assert "holds no full push to apply a delta to" in caplog.text and "pushing every tensor" in caplog.text
+        assert probe_gap(pipe) < PROBE_TOL
         train(cfg, pipe, processor, prompt_stream(cfg, processor), on_step)
         after = torch.tensor(pipe.rollout.call_all("token_logprobs", PROBE)[0])
     finally:

@@ -98,15 +98,25 @@ def test_empty_model_path_builds_the_tiny_model_once(tmp_path):
     assert resolve_model_path(cfg, tmp_path) == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+
+
 def initial_push(folder, bucket_bytes=2**16):
-    """A version-0 push of `folder`'s own weights through the object store, as the learner sends it:
-    (specs, refs, checksum). Rollout workers refuse to sample before a push."""
+    """A version-0 push of `folder`'s own weights through the object store, as learner rank 0 sends it:
+    (specs, handles, checksum). Rollout workers refuse to sample before a push."""
+    from vigos_ray.transports import open_transport
     from vigos_ray.weight_sync import TensorSpec, send
 
     named = list(load_model(folder).named_parameters())
     specs = [TensorSpec(n, tuple(p.shape), "float32") for n, p in named]
-    digests, _, refs = send(iter(named), specs, bucket_bytes, "object_store")
-    return specs, refs, digests.hexdigest()
+    sender = open_transport(object_store(), 0)
+    digests, _ = send(iter(named), specs, bucket_bytes, sender)
+    return specs, sender.handles(), digests.hexdigest()
+
+
+def object_store():
+    from vigos_ray.transports import Endpoint
+
+    return Endpoint("object_store", "127.0.0.1", 0, 2)
 
 
 # The real 151,936-row vocabulary in a vLLM engine costs ~60 s of engine start here (its tokenizer): `slow`.
@@ -117,8 +127,9 @@ def vllm_worker(request, ray_cluster, folders):
 
     cfg = load_config(overrides=["rollout.max_new_tokens=24", "rollout.samples_per_prompt=2"])
     actor = ray_cluster.remote(num_cpus=1)(RolloutWorker).remote(cfg, str(folders[request.param]))
-    specs, refs, checksum = initial_push(folders[request.param])
-    receipt = ray_cluster.get(actor.receive_weights.remote(0, specs, "object_store", 2**16, refs, checksum))
+    specs, handles, checksum = initial_push(folders[request.param])
+    ray_cluster.get(actor.open_sync_group.remote(object_store()))
+    receipt = ray_cluster.get(actor.receive_weights.remote(0, specs, 2**16, handles))
     assert receipt.checksum == checksum and receipt.version == 0
     yield request.param, actor
     ray_cluster.kill(actor)
@@ -215,8 +226,9 @@ def test_hf_backend_gives_the_same_interface_and_consistent_logprobs(ray_cluster
 
     cfg = load_config(overrides=["rollout.backend=hf", "rollout.max_new_tokens=12"])
     worker = RolloutWorker(cfg, tiny_fast)
-    specs, refs, checksum = initial_push(tiny_fast)
-    worker.receive_weights(0, specs, "object_store", 2**16, refs, checksum)
+    specs, handles, _ = initial_push(tiny_fast)
+    worker.open_sync_group(object_store())
+    worker.receive_weights(0, specs, 2**16, handles)
     rollouts = worker.generate(samples[:2], seed=0)
     model, processor = worker._hf_model, worker.processor
     banned = set(banned_token_ids(processor.tokenizer))
@@ -246,14 +258,14 @@ def test_a_push_whose_bytes_differ_from_the_senders_is_refused_and_leaves_the_wo
     from workers.rollout import RolloutWorker, StaleWeightsError
 
     worker = RolloutWorker(load_config(overrides=["rollout.backend=hf", "rollout.max_new_tokens=4"]), tiny_fast)
-    specs, refs, checksum = initial_push(tiny_fast)
-    worker.receive_weights(0, specs, "object_store", 2**16, refs, checksum)
+    specs, handles, _ = initial_push(tiny_fast)
+    worker.open_sync_group(object_store())
+    worker.receive_weights(0, specs, 2**16, handles)
     before = {n: p.clone() for n, p in worker._hf_model.state_dict().items()}
-    bad = ray_cluster.get(refs[0]).clone()
+    bad = ray_cluster.get(handles[0]).clone()  # messages: bucket 0, its digest, bucket 1, ...
     bad[0] ^= 1  # one flipped bit in the first bucket
-    refs = [ray_cluster.put(bad), *refs[1:]]
-    with pytest.raises(WeightSyncError, match="not applied"):
-        worker.receive_weights(1, specs, "object_store", 2**16, refs, checksum)
+    with pytest.raises(WeightSyncError, match="bucket 0 .* not loaded"):
+        worker.receive_weights(1, specs, 2**16, [ray_cluster.put(bad), *handles[1:]])
     assert all(torch.equal(before[n], p) for n, p in worker._hf_model.state_dict().items())  # nothing loaded
     with pytest.raises(StaleWeightsError):
         worker.generate(samples[:1], seed=0)

@@ -141,13 +141,15 @@ def test_async_object_store_pushes_do_not_wait_for_sampling_and_every_batch_uses
         records.append(record)
         gaps.append(probe_gap(pipe))
 
-    start, saved = pipe.version, pipe.cfg
-    pipe.cfg = dataclasses.replace(saved, weight_sync=dataclasses.replace(saved.weight_sync, transport="object_store"))
+    start, saved = pipe.version, pipe.transport
+    pipe.transport = "object_store"  # the push group re-formed on this transport: the learner need not wait
+    pipe._open_sync_group()
     try:
         cfg = dataclasses.replace(pipe.cfg, run=dataclasses.replace(pipe.cfg.run, mode="async", steps=3))
         train(cfg, pipe, processor, prompt_stream(cfg, processor), on_step)
     finally:
-        pipe.cfg = saved
+        pipe.transport = saved
+        pipe._open_sync_group()
     assert [r["version"] for r in records] == [start + 1, start + 2, start + 3]
     lags = [{k: v for k, v in r.items() if k.startswith("lag/")} for r in records]
     assert lags == [{"lag/0": 4}, {"lag/1": 4}, {"lag/1": 4}]

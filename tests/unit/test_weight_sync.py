@@ -7,12 +7,14 @@ import pytest
 import torch
 from torch import nn
 
+from vigos_ray.transports import Endpoint, choose, open_transport
 from vigos_ray.weight_sync import (
     Digests,
     PushGroupError,
-    SyncGroup,
     TensorSpec,
+    WeightSyncError,
     changing_specs,
+    device_checksum,
     free_port,
     load_unit,
     merged_name,
@@ -118,20 +120,20 @@ def push_member(rank: int, port: int, results) -> None:
     import os
     import time
 
-    group = SyncGroup("127.0.0.1", port, rank, 3, GROUP_TIMEOUT_S)
+    group = open_transport(Endpoint("gloo", "127.0.0.1", port, 3, GROUP_TIMEOUT_S), rank)
     if rank == 2:
         os._exit(1)
     t0 = time.monotonic()
     try:
         if rank == 0:
-            send(((s.name, torch.ones(s.shape)) for s in SPECS), SPECS, 2**18, "collective", group)
+            send(((s.name, torch.ones(s.shape)) for s in SPECS), SPECS, 2**18, group)
         else:
-            receive(SPECS, 2**18, "collective", group)
+            receive(SPECS, 2**18, group, None)
         results.put((rank, "completed", time.monotonic() - t0))
     except PushGroupError as err:
         closed = True
         try:
-            group.broadcast(torch.zeros(1))
+            group.send(torch.zeros(1, dtype=torch.uint8))
             closed = False
         except PushGroupError:
             pass
@@ -160,6 +162,88 @@ def test_a_dead_member_fails_the_push_for_sender_and_survivors_well_before_the_g
         outcome, seconds = got[rank]
         assert outcome.startswith("PushGroupError closed=True: the weight-push group broke"), got
         assert seconds < GROUP_TIMEOUT_S / 2, got
+
+
+class Corrupting:
+    """A receiving end that flips one bit of its `nth` message (a bucket damaged on the wire)."""
+
+    def __init__(self, inner, nth: int):
+        self.inner, self.nth, self.count = inner, nth, 0
+        self.device, self.streams = inner.device, inner.streams
+
+    def recv(self, nbytes):
+        wait, k = self.inner.recv(nbytes), self.count
+        self.count += 1
+
+        def received():
+            message = wait()
+            if k == self.nth:
+                message[len(message) // 2] ^= 4
+            return message
+
+        return received
+
+
+def run_group(members):
+    """Run each member (a function of its rank) in a thread of its own; returns their results by rank."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(members)) as pool:
+        futures = [pool.submit(member, rank) for rank, member in enumerate(members)]
+        return [f.exception() or f.result() for f in futures]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_streamed_push_reaches_every_receiver_bucket_by_bucket_and_a_damaged_bucket_is_never_loaded(dtype):
+    """Learner rank 0 and two engine workers over gloo: each receiver gets every tensor bit-exactly, one verified
+    bucket per load, never more than two buckets alive; a receiver whose third bucket is damaged loads the two
+    before it and nothing after, refuses the push, and neither the sender nor the other receiver is held up."""
+    torch.manual_seed(0)
+    weights = {f"layers.{i}.w": torch.randn(64, 33 + i) for i in range(6)}  # odd sizes: unaligned offsets in bf16
+    specs = [TensorSpec(n, tuple(t.shape), dtype) for n, t in weights.items()]
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    bucket = 2 * 64 * 40 * dt.itemsize  # two tensors per bucket
+    endpoint = Endpoint("gloo", "127.0.0.1", free_port("127.0.0.1"), 3, GROUP_TIMEOUT_S)
+    ends = [None] * 3
+    loads = {1: [], 2: []}
+
+    def member(rank):
+        ends[rank] = end = open_transport(endpoint, rank)
+        if rank == 0:
+            return send(iter(weights.items()), specs, bucket, end)
+        taker = Corrupting(end, nth=4 if rank == 2 else -1)  # messages: bucket, digest, bucket, digest, bucket...
+        return receive(specs, bucket, taker, lambda named: loads[rank].append((taker.count, named)))
+
+    sent, got, refused = run_group([member] * 3)
+    assert isinstance(refused, WeightSyncError) and "bucket 2" in str(refused) and "not loaded" in str(refused)
+    (digests, nbytes), (arrived, arrived_bytes) = sent, got
+    assert arrived.by_name == digests.by_name and arrived_bytes == nbytes
+    assert len(loads[1]) == len(plan_buckets(specs, bucket)) == 3  # one load per bucket
+    assert all(posted <= 2 * (k + 2) for k, (posted, _) in enumerate(loads[1]))  # bucket k loads before k+2 is asked
+    for name, tensor in (pair for _, named in loads[1] for pair in named):
+        assert torch.equal(tensor, weights[name].to(dt))
+    assert [n for _, named in loads[2] for n, _ in named] == [s.name for s in specs[:4]]  # buckets 0 and 1 only
+
+
+def test_the_device_checksum_sees_a_flipped_bit_two_swapped_words_and_a_different_length():
+    data = torch.randint(0, 256, (4099,), dtype=torch.uint8)  # not a whole number of 8-byte words
+    base = [int(x) for x in device_checksum(data)]
+    flipped = data.clone()
+    flipped[1234] ^= 16
+    swapped = data.clone()
+    swapped[0:8], swapped[8:16] = data[8:16].clone(), data[0:8].clone()
+    assert [int(x) for x in device_checksum(flipped)] != base
+    assert [int(x) for x in device_checksum(swapped)] != base
+    assert [int(x) for x in device_checksum(data[1:])] != base  # unaligned start: a padded copy, other words
+    assert [int(x) for x in device_checksum(data, words_per_chunk=7)] == base  # chunking changes nothing
+
+
+def test_auto_transport_follows_where_learner_rank_0_and_the_engines_run():
+    assert choose([], [["gpu-a"]]) == "gloo" and choose(["gpu-a"], [[]]) == "gloo"
+    assert choose(["gpu-a"], [["gpu-a"], ["gpu-a"]]) == "ipc"
+    assert choose(["gpu-a"], [["gpu-b", "gpu-c"], ["gpu-d"]]) == "nccl"
+    with pytest.raises(ValueError, match="some rollout workers share learner rank 0's GPU and some do not"):
+        choose(["gpu-a"], [["gpu-a"], ["gpu-b"]])
 
 
 def test_learning_rate_schedules():
