@@ -88,13 +88,13 @@ def run_modes(cache: Path, workers: int, steps: int, prompts: int, max_new_token
     pipe = Pipeline(cfg, path)
     seen = capture(pipe)
     results = {}
-    modes = [("sync", "collective"), ("async", "collective"), ("async", "object_store")]
+    modes = [("sync", "gloo"), ("async", "gloo"), ("async", "object_store")]
     try:
         for mode, transport in modes + modes:  # each twice, interleaved; the first round warms up
-            sync = dataclasses.replace(cfg.weight_sync, transport=transport)
-            run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, mode=mode, max_staleness=1),
-                                          weight_sync=sync)  # fmt: skip
-            pipe.cfg = run_cfg  # the push reads its transport from the pipeline's config
+            run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, mode=mode, max_staleness=1))
+            if pipe.transport != transport:  # the push group re-formed on this transport
+                pipe.transport = transport
+                pipe._open_sync_group()
             records: list[dict] = []
             t0 = time.perf_counter()
             train(run_cfg, pipe, processor, prompt_stream(run_cfg, processor), records.append)

@@ -137,7 +137,7 @@ class RolloutConfig:
         _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         _require(self.kv_cache_memory_bytes > 0, "rollout.kv_cache_memory_bytes", "must be > 0")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
-        if self.tensor_parallel_size > 1:
+        if self.tensor_parallel_size > 1 and self.num_gpus > 0:  # on CPU its engine workers share the cores
             _require(
                 self.num_gpus >= self.tensor_parallel_size,
                 "rollout.num_gpus",

@@ -233,14 +233,17 @@ class RolloutWorker:
 
     def _receive_in_engine(self, specs, bucket_bytes: int, handles: list, apply: bool) -> tuple[dict[str, str], int]:
         """vLLM's weight-update lifecycle; every engine worker takes the push (workers/weight_receiver.py)."""
-        from workers.weight_receiver import last_arrival
+        from workers.weight_receiver import Failure, last_outcome
 
         update = {"specs": [[s.name, list(s.shape), s.dtype] for s in specs], "bucket_bytes": bucket_bytes,
                   "handles": handles, "load": apply}  # fmt: skip
         self._engine.start_weight_update()
-        self._engine.update_weights({"update_info": update})  # on failure the receivers finish the update
-        self._engine.finish_weight_update()
-        arrivals = self._engine.collective_rpc(last_arrival)
+        self._engine.update_weights({"update_info": update})  # a receiver's failure is its outcome, not raised
+        self._engine.finish_weight_update()  # always: no layer is left half-built
+        arrivals = self._engine.collective_rpc(last_outcome)
+        failures = [a for a in arrivals if isinstance(a, Failure)]
+        if failures:
+            raise failures[0].error()
         first = arrivals[0]
         for other in arrivals[1:]:
             if other.digests != first.digests:

@@ -6,8 +6,10 @@ The rollout worker drives vLLM's lifecycle (`init_weight_transfer_engine`, then 
 group under its own rank and takes every bucket (`weight_sync.receive`: verified bucket by bucket, then handed to
 the model's loader, which keeps this tensor-parallel rank's part). Loading goes through vLLM's layer-wise reload:
 a layer is rebuilt once all of its tensors have arrived, and a layer that receives none stays as it is (delta
-pushes). A push that fails mid-way (a refused bucket, a broken group) still finalises the reload, so the engine
-holds verified tensors only, and the rollout worker stays stale until a full push lands.
+pushes). A push that fails mid-way (a refused bucket, a broken group) still finishes the reload: nothing of a
+refused bucket is loaded, but a layer cut by the failure holds only part of its new tensors, so the rollout worker
+stays stale (refuses to sample) until a full push lands. A failure is returned as data (`Failure`), not raised
+inside the engine.
 
 vLLM creates the engine by its backend name in the process of each engine worker: `register` runs in the rollout
 worker before its engine starts and, through the `vllm.general_plugins` entry point (setup.cfg), in every engine
@@ -25,8 +27,8 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from vigos_ray.transports import Endpoint, open_transport
-from vigos_ray.weight_sync import TensorSpec, receive
+from vigos_ray.transports import Endpoint, PushGroupError, open_transport
+from vigos_ray.weight_sync import TensorSpec, WeightSyncError, receive
 
 BACKEND = "vigos"
 
@@ -55,6 +57,27 @@ class Arrival:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why one engine worker's last push failed, as data rather than a raised error: an engine whose workers are
+    processes of their own turns a worker's error into a RuntimeError of its own and, raising at the first
+    worker's, leaves the other workers' replies queued for its next call (vLLM 0.32's multiprocessing executor).
+    So the receiver always returns, the update is always finished, and the rollout worker raises the typed error
+    (a refused bucket, a broken group) after reading every worker's outcome."""
+
+    rank: int
+    kind: str  # "refused" (WeightSyncError), "group" (PushGroupError) or "other"
+    message: str
+
+    @classmethod
+    def of(cls, rank: int, err: Exception) -> Failure:
+        kind = "group" if isinstance(err, PushGroupError) else "refused" if isinstance(err, WeightSyncError) else ""
+        return cls(rank, kind or "other", f"engine worker {rank}: {type(err).__name__}: {err}")
+
+    def error(self) -> Exception:
+        return {"group": PushGroupError, "refused": WeightSyncError}.get(self.kind, RuntimeError)(self.message)
+
+
 class BucketReceiver(WeightTransferEngine[ReceiverInit, ReceiverUpdate]):
     init_info_cls = ReceiverInit
     update_info_cls = ReceiverUpdate
@@ -63,7 +86,7 @@ class BucketReceiver(WeightTransferEngine[ReceiverInit, ReceiverUpdate]):
         super().__init__(config, vllm_config, device, model)
         self.transport = None
         self.rank = -1
-        self.arrival: Arrival | None = None
+        self.outcome: Arrival | Failure | None = None  # of the last push: what arrived, or why it failed
 
     def init_transfer_engine(self, init_info: ReceiverInit) -> None:
         self.shutdown()
@@ -74,7 +97,7 @@ class BucketReceiver(WeightTransferEngine[ReceiverInit, ReceiverUpdate]):
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        self.arrival = None
+        self.outcome = None
         initialize_layerwise_reload(self.model)
 
     def update_weights(self, update_info: dict) -> None:
@@ -91,10 +114,10 @@ class BucketReceiver(WeightTransferEngine[ReceiverInit, ReceiverUpdate]):
         load = self.model.load_weights if update_info.load else None
         try:
             digests, nbytes = receive(specs, update_info.bucket_bytes, self.transport, load)
-        except BaseException:
-            self.finish_weight_update()  # vLLM ends the update without finishing it: leave no layer half-built
-            raise
-        self.arrival = Arrival(self.rank, digests.by_name, nbytes, time.perf_counter() - t0)
+        except Exception as err:  # noqa: BLE001 -- reported as data (see Failure); the update is still finished
+            self.outcome = Failure.of(self.rank, err)
+            return
+        self.outcome = Arrival(self.rank, digests.by_name, nbytes, time.perf_counter() - t0)
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
@@ -107,9 +130,10 @@ class BucketReceiver(WeightTransferEngine[ReceiverInit, ReceiverUpdate]):
             self.transport = None
 
 
-def last_arrival(worker) -> Arrival | None:
-    """Run in an engine worker (`LLM.collective_rpc(last_arrival)`): what its receiver took in the last push."""
-    return worker.weight_transfer_engine.arrival
+def last_outcome(worker) -> Arrival | Failure | None:
+    """Run in an engine worker (`LLM.collective_rpc(last_outcome)`): what its receiver took in the last push, or
+    the error that ended it (typed: a refused bucket, a broken group)."""
+    return worker.weight_transfer_engine.outcome
 
 
 def register() -> None:

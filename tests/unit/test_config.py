@@ -61,7 +61,16 @@ def test_saved_config_reloads_identically(tmp_path):
         (["teachers.payload=sampled"], "'loss.divergence'.*only supports loss.divergence=sampled_rkl"),
         (["loss.objective=distill"], "'teachers.reference.checkpoint'.*external teacher"),
         (["data.source=files"], "'data.train_files': must list at least one file"),
-        (["rollout.tensor_parallel_size=2"], "'rollout.num_gpus': must be >= rollout.tensor_parallel_size=2"),
+        (
+            ["rollout.num_gpus=1", "rollout.tensor_parallel_size=2"],
+            "'rollout.num_gpus': must be >= rollout.tensor_parallel_size=2",
+        ),
+        (["weight_sync.transport=rdma"], "'weight_sync.transport': must be one of \\['auto', 'gloo', 'ipc', 'nccl'"),
+        (["weight_sync.transport=nccl"], "'weight_sync.transport': nccl needs the learner and vLLM rollout workers on"),
+        (
+            ["weight_sync.transport=object_store", "rollout.tensor_parallel_size=2"],
+            "'weight_sync.transport': object_store reaches Ray workers only",
+        ),
         (["learner.workers=2", "learner.num_gpus=0.5"], "'learner.num_gpus': must be a whole number with learner"),
         (["prompts.student=Answer {answer} {problem}"], "'prompts.student': must not show the \\{answer\\}"),
         (["rollout.top_p=[0.9"], "override 'rollout.top_p=\\[0.9' is not valid YAML"),
@@ -71,6 +80,10 @@ def test_saved_config_reloads_identically(tmp_path):
 def test_bad_config_names_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
+
+
+def test_the_former_name_of_the_gloo_transport_still_loads():
+    assert load_config(overrides=["weight_sync.transport=collective"]).weight_sync.transport == "gloo"
 
 
 def test_unknown_key_in_yaml_names_the_file(tmp_path):

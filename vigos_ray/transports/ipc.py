@@ -28,22 +28,24 @@ class CudaIpc(Transport):
         timeout = timedelta(seconds=endpoint.timeout_s)
         self._store = torch.distributed.TCPStore(endpoint.host, endpoint.port, endpoint.world_size, rank == 0, timeout)
         self._sent = self._received = 0
-        self._held: list[torch.Tensor] = []  # the sender keeps each message alive until it is acknowledged
 
     def send(self, message: torch.Tensor):
         from torch.multiprocessing.reductions import reduce_tensor
 
         key = f"m{self._sent}"
         self._sent += 1
+        torch.cuda.current_stream(message.device).synchronize()  # the bytes are written before anyone reads them
         _, args = reduce_tensor(message)
         self._store.set(key, pickle.dumps((_gpu_uuid(message.device.index), args)))
         acks = [f"{key}/ack{rank}" for rank in range(1, self.endpoint.world_size)]
+        held = [message]  # its memory must outlive every receiver's copy: released once all have acknowledged
 
         def wait() -> None:
             try:
                 self._store.wait(acks)
             except RuntimeError as err:  # a receiver died or hung past the store's timeout
                 raise PushGroupError(f"the weight-push group broke: {str(err).splitlines()[0]}") from None
+            held.clear()
             self._store.delete_key(key)
             for ack in acks:
                 self._store.delete_key(ack)
