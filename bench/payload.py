@@ -20,9 +20,9 @@ from common import REPO, table
 def payload_bytes(cache: Path, prompts: int, max_new_tokens: int) -> None:
     """Bytes per scored token of each payload for rows of real student rollouts, vs full fp32 logits."""
     from vigos_ray.config import load_config
-    from vigos_ray.driver import prompt_stream
     from vigos_ray.models import load_model, load_processor, sampling_token_ids
     from vigos_ray.objective import plan_batch
+    from vigos_ray.preflight import prompt_stream
     from vigos_ray.sampling import banned_rows, hf_rollouts
     from vigos_ray.scoring import pool_targets
     from vigos_ray.spans import TokenTable, parse_completion
@@ -67,9 +67,9 @@ def learner_bytes(cache: Path, prompts: int, ranks: int = 2) -> None:
 
     from vigos_ray.batching import split_batch
     from vigos_ray.config import load_config
-    from vigos_ray.driver import prompt_stream
     from vigos_ray.models import load_model, load_processor
     from vigos_ray.objective import plan_batch
+    from vigos_ray.preflight import prompt_stream
     from vigos_ray.scoring import pool_targets
     from vigos_ray.spans import TokenTable, parse_completion
     from vigos_ray.tiny import ensure_tiny_model

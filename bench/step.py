@@ -2,7 +2,7 @@
 a step is driver and Ray overhead rather than work.
 
 Stages run through the real actors (vLLM rollout workers, three teacher pools, 2 FSDP learner ranks) on a local
-Ray cluster with the tiny model, through `vigos_ray.driver.train`. Each mode runs twice, interleaved; the first
+Ray cluster with the tiny model, through `workers.driver.train`. Each mode runs twice, interleaved; the first
 pass warms up. Overhead = the driver's own work (`plan`: parsing spans and building teacher rows) + moving the
 step's real payloads through Ray (rollouts back, targets out and back, learner batches out: each echoed through a
 no-op actor) + one round trip per remote call the step makes; as a share of the step's seconds.
@@ -73,10 +73,11 @@ def ray_overhead(seen: dict, rollouts: list, calls: int, repeats: int = 5) -> fl
 
 def run_modes(cache: Path, workers: int, steps: int, prompts: int, max_new_tokens: int) -> list[list]:
     from vigos_ray.config import load_config
-    from vigos_ray.driver import prompt_stream, train
     from vigos_ray.models import load_processor
-    from vigos_ray.pipeline import Pipeline
+    from vigos_ray.preflight import prompt_stream
     from vigos_ray.tiny import ensure_tiny_model
+    from workers.driver import train
+    from workers.pipeline import Pipeline
 
     path = ensure_tiny_model(cache, "fast")
     cfg = load_config(overrides=[

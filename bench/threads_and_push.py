@@ -36,9 +36,10 @@ def wide_model(cache: Path) -> Path:
 def measure(path: Path, cache: Path, learners: int, threads: int, mode: str, args) -> dict[bool, list[dict]]:
     """Step records of one pipeline: {delta: records}; sync runs with delta off and on, async with delta on."""
     from vigos_ray.config import load_config
-    from vigos_ray.driver import prompt_stream, train
     from vigos_ray.models import load_processor
-    from vigos_ray.pipeline import Pipeline
+    from vigos_ray.preflight import prompt_stream
+    from workers.driver import train
+    from workers.pipeline import Pipeline
 
     cfg = load_config(overrides=[
         f"model.path={path}", f"run.cache_dir={cache}", "data.limit=64", f"learner.workers={learners}",

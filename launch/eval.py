@@ -26,9 +26,9 @@ from vigos_ray.evaluation import (  # noqa: E402
     evaluate,
     read_items,
     report_home,
-    resolve_eval_model,
     table,
 )
+from workers.export import resolve_eval_model
 
 
 def main(argv: list[str] | None = None) -> int:

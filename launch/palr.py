@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, code = command_config(args)
     if cfg is None:
         return code
-    from vigos_ray.evaluation import eval_files, read_items, report_home, resolve_eval_model
+    from vigos_ray.evaluation import eval_files, read_items, report_home
+    from workers.export import resolve_eval_model
 
     out = args.out or report_home(args.model) / "palr.json"
     with Console(out.with_suffix(".log")):

@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg, logs: Path) -> str:
     from vigos_ray.cluster import check_ray_resources, init_ray
-    from vigos_ray.driver import preflight, run
     from vigos_ray.metrics import run_summary
     from vigos_ray.plots import plot_run, read_run
+    from vigos_ray.preflight import preflight
+    from workers.driver import run
 
     checked = preflight(cfg)  # a bad model or teacher folder is named before a cluster is started
     init_ray(cfg)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(cfg.run.output_dir) / f"{cfg.run.name}-sft"
     with Console(out.parent / f"{out.name}.log"):
         try:
-            from vigos_ray.driver import preflight
+            from vigos_ray.preflight import preflight
             from vigos_ray.sft import base_config, warm_start
 
             model_path, _ = preflight(base_config(cfg))

@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_study(cfg) -> Path:
     from vigos_ray import study
-    from vigos_ray.driver import preflight
+    from vigos_ray.preflight import preflight
     from vigos_ray.sft import base_config, warm_start
+    from workers.study import evaluate_arms, train_arms
 
     root = Path(cfg.run.output_dir) / cfg.run.name
     base_model, _ = preflight(base_config(cfg))  # the study trains its own warm start (warm_start.*)
@@ -58,12 +59,12 @@ def run_study(cfg) -> Path:
         arm_cfg = study.arm_config(cfg, untrained[0], warm, root / "arms")
         init_ray(arm_cfg)
         check_ray_resources(arm_cfg)
-    folders = study.train_arms(cfg, warm, root)
+    folders = train_arms(cfg, warm, root)
     seconds["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     per_arm = cfg.eval.limit or 0
     with progress(total=len(study.arms(cfg)) * 2 * per_arm or None, desc="evaluate", unit="item") as bar:
-        reports = study.evaluate_arms(cfg, folders, warm, root, progress=bar.update)
+        reports = evaluate_arms(cfg, folders, warm, root, progress=bar.update)
     seconds["evaluate"] = time.perf_counter() - t0
     study.write_results(cfg, reports, root, seconds)
     return root

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from vigos_ray.config import load_config
-from vigos_ray.driver import prompt_stream
 from vigos_ray.models import load_processor
-from vigos_ray.pipeline import Pipeline
+from vigos_ray.preflight import prompt_stream
+from workers.pipeline import Pipeline
 
 from ..integration.test_algorithm import planned
 

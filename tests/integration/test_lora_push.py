@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vigos_ray.driver import prompt_stream, train
 from vigos_ray.models import load_processor
-from vigos_ray.pipeline import Pipeline
+from vigos_ray.preflight import prompt_stream
+from workers.driver import train
+from workers.pipeline import Pipeline
 
 from .test_pipeline import PROBE, PROBE_TOL, config, probe_gap
 

@@ -241,7 +241,7 @@ def test_hf_backend_gives_the_same_interface_and_consistent_logprobs(ray_cluster
 
 def test_prompt_length_limit_uses_the_real_student_context(tmp_path):
     from vigos_ray.data import DataError
-    from vigos_ray.driver import prompt_stream
+    from vigos_ray.preflight import prompt_stream
 
     cfg = load_config(overrides=[f"run.cache_dir={tmp_path}", "data.max_prompt_tokens=60", "data.on_bad_record=raise"])
     processor = load_processor(resolve_model_path(cfg.model, cfg.run.cache_dir), 3136, cfg.model.max_pixels)

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from vigos_ray.config import load_config
-from vigos_ray.driver import prompt_stream, train
 from vigos_ray.evaluation import eval_files, read_items
 from vigos_ray.metrics import merge_segments
 from vigos_ray.models import load_model, load_processor
 from vigos_ray.objective import student_loss
-from vigos_ray.pipeline import Pipeline
+from vigos_ray.preflight import prompt_stream
 from vigos_ray.scoring import output_head
 from vigos_ray.step import frozen_copy, score_plan
+from workers.driver import train
+from workers.pipeline import Pipeline
 
 from .test_algorithm import planned
 

@@ -11,10 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from vigos_ray.driver import prompt_stream, train
 from vigos_ray.models import load_processor
-from vigos_ray.pipeline import Pipeline
+from vigos_ray.preflight import prompt_stream
 from vigos_ray.weight_sync import WeightSyncError
+from workers.driver import train
+from workers.pipeline import Pipeline
 from workers.rollout import StaleWeightsError
 
 from .test_pipeline import PROBE, config

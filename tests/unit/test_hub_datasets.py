@@ -89,8 +89,8 @@ def test_rows_decode_to_the_images_and_texts_written(hub, rows):
 
 
 def test_the_training_stream_reads_a_dataset_id_as_the_driver_builds_it(hub, tiny_fast, rows):
-    from vigos_ray.driver import prompt_stream
     from vigos_ray.models import load_processor
+    from vigos_ray.preflight import prompt_stream
 
     cfg = load_config(overrides=[f"model.path={tiny_fast}", "data.source=files", "data.train_files=[vigos/sr1-mini]",
                                  "data.shuffle=false", "model.min_pixels=4096"])  # fmt: skip
