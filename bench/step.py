@@ -93,9 +93,8 @@ def run_modes(cache: Path, workers: int, steps: int, prompts: int, max_new_token
     try:
         for mode, transport in modes + modes:  # each twice, interleaved; the first round warms up
             run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, mode=mode, max_staleness=1))
-            if pipe.transport != transport:  # the push group re-formed on this transport
-                pipe.transport = transport
-                pipe._open_sync_group()
+            if pipe.pusher.transport != transport:  # the push group re-formed on this transport
+                pipe.pusher.form_group(transport)
             records: list[dict] = []
             t0 = time.perf_counter()
             train(run_cfg, pipe, processor, prompt_stream(run_cfg, processor), records.append)

@@ -233,6 +233,13 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def free_address(_worker=None) -> tuple[str, int]:
+    """This node's address and a free port on it: where a rank 0 hosts a rendezvous (`_worker`: run in an actor,
+    `WorkerGroup.call_all(free_address)` or `__ray_call__`)."""
+    host = node_ip()
+    return host, free_port(host)
+
+
 def node_ip() -> str:
     try:
         import ray

@@ -7,6 +7,7 @@ every rollout carries the version it was sampled with, and no step trains on a r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -54,16 +55,16 @@ def run(cfg: Config, log_dir: Path | None = None, checked: tuple | None = None) 
         start = None
         if resume is not None:
             start = load_driver_state(resume)
-            pipe.restore_learner(resume)
+            pipe.restore(resume)
             prompts.load_state_dict(start.data)
             log.info("resumed from %s at step %d (policy version %d)", resume, start.step, pipe.version)
             if start.step >= cfg.run.steps:
                 log.info("the run is already complete (run.steps=%d); writing final/ again", cfg.run.steps)
         metrics = Metrics(cfg, run_dir, from_step=start.step if start else 0)
         mark = stage_file(log_dir / "stage") if log_dir else None
-        with metrics, Preemption(cfg.checkpoint.grace_s, DrainWatch(pipe.critical_nodes())) as preemption:
+        with metrics, Preemption(cfg.checkpoint.grace_s, DrainWatch(critical_nodes(pipe))) as preemption:
             train(cfg, pipe, processor, prompts, metrics.write, start, checkpoints, preemption, held_out, mark)
-        final = pipe.export(run_dir / "final")
+        final = export(pipe, run_dir / "final")
         log.info("trained %d steps; model written to %s, metrics to %s", cfg.run.steps, final, metrics.path)
     finally:
         pipe.shutdown()
@@ -113,7 +114,7 @@ def train(
         t_train = time.perf_counter()
         mark(step, "push")
         # async + object store: the learner does not wait for the rollout workers to finish sampling and load
-        push, _ = pipe.push_weights(wait=not (ahead and not pipe.streams))
+        push, _ = pipe.push_weights(wait=not (ahead and not pipe.pusher.streams))
         stages = {"rollout_wait": t_rollout - t0, "plan": t_plan - t_rollout, "teachers": t_score - t_plan,
                   "learner": t_train - t_score, "push": time.perf_counter() - t_train}  # fmt: skip
         seconds = time.perf_counter() - t0
@@ -128,7 +129,7 @@ def train(
                 record.update(during_training(held_out, pipe.generate_with, processor.tokenizer, cfg, eval_seed))
             except RayActorError as err:  # a rollout worker died: restore it for training, skip this evaluation
                 log.warning("held-out evaluation at step %d skipped: %s", step, type(err).__name__)
-                pipe.recover_rollout_workers()
+                pipe.pusher.recover(pipe.version)
         on_step(record)
         bar.set_postfix(
             loss=f"{record['loss']:.4g}", valid=f"{record['valid_rate']:.2f}", v=record["version"], refresh=False
@@ -138,10 +139,34 @@ def train(
             mark(step, "checkpoint")
             state = DriverState(step + 1, pipe.version, prompts.state_dict(),
                                 [(s, p.result()) for s, p in inflight])  # fmt: skip
-            checkpoints.save(state, pipe.save_learner)
+            checkpoints.save(state, functools.partial(save_learner, pipe))
         if stop:
             raise Preempted(f"stopped after step {step} on a preemption notice; the checkpoint is saved")
-    pipe.settle()  # the last push is confirmed by every rollout worker
+    pipe.pusher.settle(pipe.version)  # the last push is confirmed by every rollout worker
+
+
+def save_learner(pipe: Pipeline, path: Path) -> None:
+    """The learner's part of a checkpoint, written once every rollout worker has confirmed the weights it names."""
+    pipe.learner.call_all("save_state", str(path))
+    pipe.pusher.settle(pipe.version)
+
+
+def export(pipe: Pipeline, path: Path) -> Path:
+    """The student as a Hugging Face folder (LoRA merged), written by learner rank 0."""
+    return Path(pipe.learner.call_all("export", str(path))[0])
+
+
+def critical_nodes(pipe: Pipeline) -> set[str]:
+    """Ray nodes whose loss ends the run: the learner ranks' and the driver's (rollout and teacher actors are
+    restarted elsewhere)."""
+    return {*pipe.learner.call_all(node_id), node_id()}
+
+
+def node_id(_worker=None) -> str:
+    """The Ray node this process runs on (`_worker`: run in an actor)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def samples_digest(samples) -> int:

@@ -7,7 +7,7 @@ waits on any of them; the others wait (with the group's timeout, so a dead or hu
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,10 +89,18 @@ def logged(cls: type, log_dir: Path | None, prefix: str) -> type:
     return type(cls.__name__, (cls,), {"__init__": __init__, "__qualname__": cls.__qualname__})
 
 
+def _remote(actor, method: str | Callable, *args, **kwargs):
+    """Call `method` on `actor`: a method by name, or a function run in the actor with the worker as its first
+    argument (probes and queries that need not be part of a worker's interface)."""
+    if callable(method):
+        return actor.__ray_call__.remote(method, *args, **kwargs)
+    return getattr(actor, method).remote(*args, **kwargs)
+
+
 class WorkerGroup:
     """`call_all` runs a method on every actor; `scatter` splits a list across them and joins the results in order."""
 
-    def __init__(self, cls: type, n: int, num_cpus: float, num_gpus: float, args: tuple = (), name: str = "",
+    def __init__(self, cls: type, *, n: int, num_cpus: float, num_gpus: float, args: tuple = (), name: str = "",
                  timeout_s: float = 600.0, wait: bool = True, max_restarts: int = 0,
                  max_task_retries: int = 0, log_dir: Path | None = None):  # fmt: skip
         """`max_restarts`: Ray restarts a dead actor (re-running its constructor) up to this many times;
@@ -128,14 +136,14 @@ class WorkerGroup:
                     raise
                 time.sleep(0.5)
 
-    def call_all(self, method: str, *args, **kwargs) -> list[Any]:
+    def call_all(self, method: str | Callable, *args, **kwargs) -> list[Any]:
+        """`method` (a method's name, or a function of the worker: `fn(worker, *args)`) on every actor."""
         import ray
 
-        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
-        return ray.get(refs, timeout=self.timeout_s)
+        return ray.get([_remote(a, method, *args, **kwargs) for a in self.actors], timeout=self.timeout_s)
 
-    def call_all_async(self, method: str, *args, **kwargs) -> Pending:
-        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+    def call_all_async(self, method: str | Callable, *args, **kwargs) -> Pending:
+        refs = [_remote(a, method, *args, **kwargs) for a in self.actors]
         return Pending(refs, flat=False, timeout_s=self.timeout_s)
 
     def call_each(self, method: str, per_actor: Sequence[Any], **kwargs) -> list[Any]:

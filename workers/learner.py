@@ -90,16 +90,6 @@ class LearnerWorker:
         tokenizer = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels).tokenizer
         self.vocab_size, self.pad_id = len(tokenizer), tokenizer.pad_token_id or 0
 
-    def address(self) -> tuple[str, int]:
-        """Where rank 0 hosts the rendezvous (call on rank 0 before `join`)."""
-        host = weight_sync.node_ip()
-        return host, weight_sync.free_port(host)
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
     def join(self, host: str, port: int, world_size: int) -> None:
         """Form the FSDP group, load and shard the student, build the optimizer (every rank at once)."""
         if self.device.type == "cuda":
@@ -368,36 +358,6 @@ class LearnerWorker:
                                         full)  # fmt: skip
         return report, self.transport.handles()
 
-    @torch.no_grad()
-    def token_logprobs(self, ids: list[int]) -> list[float]:
-        """log p(ids[t] | ids[:t]) for t >= 1 under the current weights (a collective: call on every rank)."""
-        self.module.eval()
-        return self.module(torch.tensor([ids], device=self.device)).tolist()
-
-    def state_checksums(self) -> dict[str, str] | None:
-        """Checksum of every parameter (LoRA adapters unmerged) and buffer of the whole student, by its name in the
-        module; a collective (each parameter is gathered), the dict on rank 0, None elsewhere."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.module, options=options)
-        if self.rank != 0:
-            return None
-        state.update({name: b for name, b in self.module.named_buffers()})  # non-persistent ones too (inv_freq)
-        return {name: tensor_checksum(t) for name, t in state.items()}
-
-    def head_checksums(self) -> dict[str, str]:
-        """Checksum of each segment's teacher head in `model.dtype`, as the teachers hold it (a collective: a head
-        read in place is gathered)."""
-        by_tensor = {}  # segments often share one head
-        with self._gathered_heads():
-            for h in self.heads.values():
-                if id(h) not in by_tensor:
-                    w = output_head(self.student).detach() if h is STUDENT_HEAD else h.full
-                    w = w.full_tensor() if hasattr(w, "full_tensor") else w
-                    by_tensor[id(h)] = tensor_checksum(w.to(weight_sync.DTYPES[self.cfg.model.dtype]))
-        return {name: by_tensor[id(h)] for name, h in self.heads.items()}
-
     def export(self, path: str) -> str | None:
         """Write a Hugging Face folder (config, tokenizer, safetensors; LoRA merged) that transformers and vLLM
         load. A collective; rank 0 writes, into a temporary folder renamed into place when complete."""
@@ -409,3 +369,37 @@ class LearnerWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ---- probes: read-only views of a rank's model for checks, run in its actor (`WorkerGroup.call_all(fn, ...)`) ----
+
+
+@torch.no_grad()
+def token_logprobs(learner: LearnerWorker, ids: list[int]) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t >= 1 under the current weights (a collective: call on every rank)."""
+    learner.module.eval()
+    return learner.module(torch.tensor([ids], device=learner.device)).tolist()
+
+def state_checksums(learner: LearnerWorker) -> dict[str, str] | None:
+    """Checksum of every parameter (LoRA adapters unmerged) and buffer of the whole student, by its name in the
+    module; a collective (each parameter is gathered), the dict on rank 0, None elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(learner.module, options=options)
+    if learner.rank != 0:
+        return None
+    state.update({name: b for name, b in learner.module.named_buffers()})  # non-persistent ones too (inv_freq)
+    return {name: tensor_checksum(t) for name, t in state.items()}
+
+def head_checksums(learner: LearnerWorker) -> dict[str, str]:
+    """Checksum of each segment's teacher head in `model.dtype`, as the teachers hold it (a collective: a head
+    read in place is gathered)."""
+    by_tensor = {}  # segments often share one head
+    with learner._gathered_heads():
+        for h in learner.heads.values():
+            if id(h) not in by_tensor:
+                w = output_head(learner.student).detach() if h is STUDENT_HEAD else h.full
+                w = w.full_tensor() if hasattr(w, "full_tensor") else w
+                by_tensor[id(h)] = tensor_checksum(w.to(weight_sync.DTYPES[learner.cfg.model.dtype]))
+    return {name: by_tensor[id(h)] for name, h in learner.heads.items()}

@@ -11,6 +11,7 @@ import torch
 from vigos_ray.config import load_config
 from vigos_ray.models import load_processor
 from vigos_ray.preflight import prompt_stream
+from workers.learner import token_logprobs
 from workers.pipeline import Pipeline
 
 from ..integration.test_algorithm import planned
@@ -21,7 +22,7 @@ PROBE_TOL = 2e-3  # vLLM's GPU kernels against transformers' on the same fp32 we
 
 
 def probe_gap(pipe: Pipeline) -> float:
-    learner = torch.tensor(pipe.learner.call_all("token_logprobs", PROBE)[0])
+    learner = torch.tensor(pipe.learner.call_all(token_logprobs, PROBE)[0])
     return max(float((torch.tensor(lp) - learner).abs().max()) for lp in pipe.rollout.call_all("token_logprobs", PROBE))
 
 
@@ -53,7 +54,7 @@ def test_every_transport_pushes_weights_the_engine_computes_with(
     ])  # fmt: skip
     pipe = Pipeline(cfg, tiny_fast)
     try:
-        assert pipe.transport == expected
+        assert pipe.pusher.transport == expected
         assert probe_gap(pipe) < PROBE_TOL
         processor = load_processor(tiny_fast, cfg.model.min_pixels, cfg.model.max_pixels)
         _, _, plan = planned(prompt_stream(cfg, processor).next_batch(4), processor, cfg)

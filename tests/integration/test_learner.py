@@ -57,10 +57,12 @@ def test_lora_with_checkpointing_trains_every_adapter_and_the_export_computes_th
     assert not no_grad, no_grad[:5]  # checkpointing (non-reentrant) loses no adapter, vision tower included
     assert any(".visual." in n for n in adapters)
 
+    from workers.learner import token_logprobs
+
     ids = list(range(20, 60))
     export = load_model(learner.export(str(tmp_path / "export")))
     with torch.no_grad():
         exported = next_token_logprobs(export, torch.tensor([ids]))
         before = next_token_logprobs(load_model(tiny_fast), torch.tensor([ids]))
-    torch.testing.assert_close(exported, torch.tensor(learner.token_logprobs(ids)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(exported, torch.tensor(token_logprobs(learner, ids)), rtol=0, atol=1e-5)
     assert float((before - exported).abs().max()) > 1e-3

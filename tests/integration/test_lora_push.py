@@ -26,21 +26,22 @@ def test_lora_pushes_carry_only_what_training_changes_and_a_worker_without_them_
     processor = load_processor(tiny_fast, cfg.model.min_pixels, cfg.model.max_pixels)
     pipe = Pipeline(cfg, tiny_fast)
     try:
-        full = {s.name for s in pipe.specs}
-        delta = {s.name for s in pipe.delta_specs}
+        full = {s.name for s in pipe.pusher.specs}
+        delta = {s.name for s in pipe.pusher.delta_specs}
         frozen = {n for n in full if "embed_tokens" in n or "lm_head" in n or n.startswith("model.visual.patch_embed")}
         assert frozen and not frozen & delta and delta < full
         assert {n for n in full if ".layers.0." in n} <= delta  # a trained block travels whole, norms included
-        nbytes = {"full": sum(s.nbytes for s in pipe.specs), "delta": sum(s.nbytes for s in pipe.delta_specs)}
+        specs, delta_specs = pipe.pusher.specs, pipe.pusher.delta_specs
+        nbytes = {"full": sum(s.nbytes for s in specs), "delta": sum(s.nbytes for s in delta_specs)}
 
-        pushes, push_once = [], pipe._push_once
+        pushes, push_once = [], pipe.pusher._push_once
 
         def spy(*args, **kwargs):  # every push the pipeline makes, recovery pushes included
             report, receipts = push_once(*args, **kwargs)
             pushes.append((report.full, report.bytes, {r.state for r in receipts} == {report.state}))
             return report, receipts
 
-        pipe._push_once = spy
+        pipe.pusher._push_once = spy
         records, gaps = [], []
 
         def on_step(record):

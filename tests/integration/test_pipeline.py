@@ -16,7 +16,8 @@ from vigos_ray.objective import student_loss
 from vigos_ray.preflight import prompt_stream
 from vigos_ray.scoring import output_head
 from vigos_ray.step import frozen_copy, score_plan
-from workers.driver import train
+from workers.driver import export, train
+from workers.learner import token_logprobs
 from workers.pipeline import Pipeline
 
 from .test_algorithm import planned
@@ -55,7 +56,7 @@ def samples_and_processor(tiny_fast, cache_dir):
 
 
 def probe_gap(pipe: Pipeline) -> float:
-    learner = torch.tensor(pipe.learner.call_all("token_logprobs", PROBE)[0])
+    learner = torch.tensor(pipe.learner.call_all(token_logprobs, PROBE)[0])
     return max(float((torch.tensor(lp) - learner).abs().max()) for lp in pipe.rollout.call_all("token_logprobs", PROBE))
 
 
@@ -142,19 +143,17 @@ def test_async_object_store_pushes_do_not_wait_for_sampling_and_every_batch_uses
         records.append(record)
         gaps.append(probe_gap(pipe))
 
-    start, saved = pipe.version, pipe.transport
-    pipe.transport = "object_store"  # the push group re-formed on this transport: the learner need not wait
-    pipe._open_sync_group()
+    start, saved = pipe.version, pipe.pusher.transport
+    pipe.pusher.form_group("object_store")  # the push group re-formed on this transport: the learner need not wait
     try:
         cfg = dataclasses.replace(pipe.cfg, run=dataclasses.replace(pipe.cfg.run, mode="async", steps=3))
         train(cfg, pipe, processor, prompt_stream(cfg, processor), on_step)
     finally:
-        pipe.transport = saved
-        pipe._open_sync_group()
+        pipe.pusher.form_group(saved)
     assert [r["version"] for r in records] == [start + 1, start + 2, start + 3]
     lags = [{k: v for k, v in r.items() if k.startswith("lag/")} for r in records]
     assert lags == [{"lag/0": 4}, {"lag/1": 4}, {"lag/1": 4}]
-    assert max(gaps) < PROBE_TOL and pipe._unconfirmed is None  # every push loaded and confirmed by the end
+    assert max(gaps) < PROBE_TOL and pipe.pusher._unconfirmed is None  # every push loaded and confirmed by the end
 
 
 def test_killed_rollout_and_teacher_workers_are_restarted_and_their_work_is_redone(pipe, batch, samples_and_processor,
@@ -212,18 +211,18 @@ def test_resuming_from_a_checkpoint_ends_bit_identical_to_the_uninterrupted_run(
     checkpoints = Checkpointer(CheckpointConfig(every_steps=2, keep=5), tmp_path / "ckpt")
     whole: list[dict] = []
     train(cfg, pipe, processor, prompt_stream(cfg, processor), whole.append, checkpoints=checkpoints)
-    uninterrupted = load_file(pipe.export(tmp_path / "a") / "model.safetensors")
+    uninterrupted = load_file(export(pipe, tmp_path / "a") / "model.safetensors")
 
     # back to step 2 of that run, as a restarted driver would: learner state, pushed weights, data cursor, queue
     resume = tmp_path / "ckpt" / "step_2"
     state = load_driver_state(resume)
     assert state.step == 2 and len(state.inflight) == (1 if mode == "async" else 0)
-    pipe.restore_learner(resume)
+    pipe.restore(resume)
     prompts = prompt_stream(cfg, processor)
     prompts.load_state_dict(state.data)
     again: list[dict] = []
     train(cfg, pipe, processor, prompts, again.append, start=state, checkpoints=checkpoints)
-    resumed = load_file(pipe.export(tmp_path / "b") / "model.safetensors")
+    resumed = load_file(export(pipe, tmp_path / "b") / "model.safetensors")
 
     assert [r["loss"] for r in again] == [r["loss"] for r in whole[2:]]
     assert uninterrupted.keys() == resumed.keys()

@@ -17,7 +17,7 @@ LORA = ["learner.lora.enabled=true", "learner.lora.r=4", "learner.lora.alpha=8",
 def build_both(model_path: str, rank: int, world: int, host: str, port: int) -> list[tuple]:
     """On one rank of `world`: for no LoRA and LoRA, a full-load and a sharded learner in one gloo group; per
     build: checksums of the whole student (rank 0), probe log-probs, its local shards, the teachers' head checksums."""
-    from workers.learner import STUDENT_HEAD, LearnerWorker
+    from workers.learner import STUDENT_HEAD, LearnerWorker, head_checksums, state_checksums, token_logprobs
 
     out = []
     for extra in ([], LORA):
@@ -27,7 +27,7 @@ def build_both(model_path: str, rank: int, world: int, host: str, port: int) -> 
             learner = LearnerWorker(cfg, model_path, worker_index=rank)
             learner.join(host, port, world)
             shards = {n: p.to_local().clone() for n, p in learner.module.named_parameters()}
-            out.append((learner.state_checksums(), learner.token_logprobs(PROBE), shards, learner.head_checksums()))
+            out.append((state_checksums(learner), token_logprobs(learner, PROBE), shards, head_checksums(learner)))
             if extra:  # LoRA leaves the head untrained: the teachers' head is the student's own, read in place
                 assert all(h is STUDENT_HEAD for h in learner.heads.values())
             else:  # the head trains: one frozen copy for the three segments, this rank holding its rows of it
@@ -64,7 +64,7 @@ def test_a_checkpoint_of_a_sharded_start_up_resumes_a_full_load_exactly(tiny_fas
     full, and the two hold the same state."""
     import torch
 
-    from workers.learner import LearnerWorker
+    from workers.learner import LearnerWorker, state_checksums, token_logprobs
 
     port = free_port("127.0.0.1")
     learners = {}
@@ -78,10 +78,10 @@ def test_a_checkpoint_of_a_sharded_start_up_resumes_a_full_load_exactly(tiny_fas
                 if p.requires_grad or name.endswith("embed_tokens.weight"):
                     p.to_local().add_(0.01 * torch.randn_like(p.to_local()))
         learners["sharded"].save_state(str(tmp_path))
-        assert learners["full"].state_checksums() != learners["sharded"].state_checksums()
+        assert state_checksums(learners["full"]) != state_checksums(learners["sharded"])
         learners["full"].load_state(str(tmp_path))
-        assert learners["full"].state_checksums() == learners["sharded"].state_checksums()
-        assert learners["full"].token_logprobs(PROBE) == learners["sharded"].token_logprobs(PROBE)
+        assert state_checksums(learners["full"]) == state_checksums(learners["sharded"])
+        assert token_logprobs(learners["full"], PROBE) == token_logprobs(learners["sharded"], PROBE)
     finally:
         learners["full"].shutdown()
 

@@ -50,8 +50,9 @@ def payload_config(payload: str):
 @pytest.fixture(scope="module")
 def pools(ray_cluster, tiny_fast):
     """One teacher actor per payload, all started at once (their start-up, mostly imports, overlaps)."""
-    started = {p: WorkerGroup(TeacherWorker, 1, 1, 0, args=(payload_config(p), str(tiny_fast), "reference"),
-                              name=f"teacher-{p}", wait=False) for p in PAYLOADS}  # fmt: skip
+    started = {p: WorkerGroup(TeacherWorker, n=1, num_cpus=1, num_gpus=0,
+                              args=(payload_config(p), str(tiny_fast), "reference"), name=f"teacher-{p}", wait=False)
+               for p in PAYLOADS}  # fmt: skip
     yield started
     for pool in started.values():
         pool.shutdown()

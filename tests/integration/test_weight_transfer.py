@@ -15,6 +15,7 @@ from vigos_ray.models import load_processor
 from vigos_ray.preflight import prompt_stream
 from vigos_ray.weight_sync import WeightSyncError
 from workers.driver import train
+from workers.learner import token_logprobs
 from workers.pipeline import Pipeline
 from workers.rollout import StaleWeightsError
 
@@ -27,7 +28,7 @@ TP_PROBE_TOL = 1e-5
 
 
 def probe_gaps(pipe: Pipeline) -> list[float]:
-    learner = torch.tensor(pipe.learner.call_all("token_logprobs", PROBE)[0])
+    learner = torch.tensor(pipe.learner.call_all(token_logprobs, PROBE)[0])
     return [float((torch.tensor(lp) - learner).abs().max()) for lp in pipe.rollout.call_all("token_logprobs", PROBE)]
 
 
@@ -39,7 +40,7 @@ def test_two_tensor_parallel_engines_and_three_learner_ranks_hold_the_learners_w
     processor = load_processor(tiny_fast, cfg.model.min_pixels, cfg.model.max_pixels)
     pipe = Pipeline(cfg, tiny_fast)
     try:
-        assert pipe.transport == "gloo"
+        assert pipe.pusher.transport == "gloo"
         receipts, gaps = [], []
         push = pipe.push_weights
 

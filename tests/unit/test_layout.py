@@ -30,3 +30,15 @@ def test_the_scan_sees_imports_inside_functions(tmp_path):
     sample = tmp_path / "m.py"
     sample.write_text("def f():\n    from workers.rollout import RolloutWorker\n")
     assert "workers" in imported_packages(sample)
+
+
+def test_no_class_has_more_than_nine_public_methods():
+    """A class with many verbs has several jobs (#19): split it by responsibility, as Pipeline and WeightPusher."""
+    crowded = []
+    for path in sorted([*(REPO / "vigos_ray").rglob("*.py"), *(REPO / "workers").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                public = [f.name for f in node.body if isinstance(f, ast.FunctionDef) and not f.name.startswith("_")]
+                if len(public) > 9:
+                    crowded.append(f"{path.relative_to(REPO)}:{node.name} ({len(public)})")
+    assert crowded == [], crowded
