@@ -194,16 +194,12 @@ class TeachersConfig:
         return {"perception": self.perception, "reasoning": self.reasoning, "reference": self.reference}
 
 
-# The teacher pools each objective scores with (the roles its segments in vigos_ray/objective.py name); a run
-# starts only these.
-OBJECTIVE_TEACHERS = {"vigos": ("perception", "reasoning", "reference"), "opsd": ("reference",),
-                      "distill": ("reference",)}  # fmt: skip
-
 
 @dataclass
 class LossConfig:
     # vigos: three teachers; opsd: the privileged full-format teacher on every token; distill: external teacher.
-    objective: Literal["vigos", "opsd", "distill"] = "vigos"
+    # Objectives are registered in vigos_ray/objective.py (`@objective`).
+    objective: str = "vigos"
     # Divergence family: SPEC defaults are forward KL for perception/reasoning and reverse KL for reference.
     divergence: Literal["kl", "jsd", "sampled_rkl"] = "kl"
     jsd_beta: float = 0.5  # TRL convention: 0 = forward KL, 1 = reverse KL
@@ -458,10 +454,17 @@ class Config:
     study: StudyConfig = field(default_factory=StudyConfig)
 
     def teacher_pools(self) -> dict[str, TeacherPoolConfig]:
-        """The teacher pools this run starts: the roles `loss.objective` scores with."""
-        return {role: self.teachers.pools()[role] for role in OBJECTIVE_TEACHERS[self.loss.objective]}
+        """The teacher pools this run starts: the roles the segments of `loss.objective` are scored by."""
+        from vigos_ray.objective import segments
+
+        roles = {seg.teacher for seg in segments(self.loss)}
+        return {role: pool for role, pool in self.teachers.pools().items() if role in roles}
 
     def __post_init__(self) -> None:
+        from vigos_ray.objective import segments
+
+        unknown = {seg.teacher for seg in segments(self.loss)} - set(self.teachers.pools())  # and the objective
+        _require(not unknown, "loss.objective", f"scores with teachers {sorted(unknown)} that teachers.* has not")
         rollouts = self.learner.prompts_per_step * self.rollout.samples_per_prompt
         _require(
             rollouts >= self.learner.workers,

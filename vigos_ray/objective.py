@@ -1,19 +1,23 @@
 """Which teacher scores which tokens of a rollout, in which context, with which divergence (SPEC §5, §6).
 
-An objective is a tuple of segments. `plan_batch` turns rollouts and their spans into the rows each teacher must
-score and the one student row per rollout; `student_loss` computes the weighted sum of pooled segment means from
-the student's hidden states and the teachers' targets. The single-process step and the distributed learner both
-go through these two functions, so they compute the same loss.
+An objective is a tuple of segments, each saying which teacher pool scores it, in which context, which completion
+positions it supervises, with which divergence and weight; objectives are registered by name (`@objective`), so a
+new one is one function, anywhere (tests/integration/test_algorithm.py defines one in the test). `plan_batch`
+turns rollouts and their spans into the rows each teacher must score and the one student row per rollout;
+`student_loss` computes the weighted sum of pooled segment means from the student's hidden states and the
+teachers' targets. The single-process step and the distributed learner both go through these two functions, so
+they compute the same loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from vigos_ray.config import Config, LossConfig
+from vigos_ray.config import Config, ConfigError, LossConfig
 from vigos_ray.data import Sample
 from vigos_ray.losses import DivergenceKind, DivergenceSpec, pooled_mean, token_losses
 from vigos_ray.prompts import EncodedContext, encode, student_text, teacher_texts
@@ -23,30 +27,68 @@ from vigos_ray.types import Rollout, ScoreRow, Spans, TeacherTargets
 
 @dataclass(frozen=True)
 class Segment:
-    name: str  # perception | reasoning | reference (vigos); privileged (opsd); external (distill)
-    teacher: str  # the pool that scores it: perception | reasoning | reference
-    context: str  # the context the teacher reads: perception | reasoning | reference | student
+    name: str  # in metrics and plots: perception | reasoning | reference (vigos); privileged (opsd); external
+    teacher: str  # the pool that scores it (a role of `teachers.*`): perception | reasoning | reference
+    context: str  # the context the teacher reads: perception | reasoning | reference | student (prompts.py)
     kind: DivergenceKind
     weight: float
+    scores: str = "completion"  # the completion positions it supervises: a key of SCORED
+
+
+# Completion positions a segment can supervise, from a rollout's spans (SPEC §4).
+SCORED: dict[str, Callable[[Spans], tuple[int, ...]]] = {
+    "description": lambda spans: spans.description,
+    "reasoning": lambda spans: spans.reasoning,
+    "reference": lambda spans: spans.reference,  # empty for valid rows: the reference teacher sees invalid rows only
+    "completion": lambda spans: tuple(range(spans.length)),  # every completion token, EOS included
+}
+OBJECTIVES: dict[str, Callable[[LossConfig], tuple[Segment, ...]]] = {}
+
+
+def objective(name: str):
+    """Register a function `LossConfig -> segments` as `loss.objective=<name>`."""
+
+    def register(fn):
+        OBJECTIVES[name] = fn
+        return fn
+
+    return register
+
+
+@objective("vigos")
+def vigos(cfg: LossConfig) -> tuple[Segment, ...]:
+    """Three teachers: image-only perception on the description, answer-aware reasoning on the reasoning and
+    answer, and the full-format reference teacher on rollouts whose format is broken."""
+    return (
+        Segment("perception", "perception", "perception", "forward", cfg.perception_weight, scores="description"),
+        Segment("reasoning", "reasoning", "reasoning", "forward", cfg.reasoning_weight, scores="reasoning"),
+        Segment("reference", "reference", "reference", "reverse", cfg.reference_weight, scores="reference"),
+    )
+
+
+@objective("opsd")
+def opsd(cfg: LossConfig) -> tuple[Segment, ...]:
+    """The privileged full-format teacher (the reference context: image, question and answer) on every token."""
+    return (Segment("privileged", "reference", "reference", "forward", 1.0),)
+
+
+@objective("distill")
+def distill(cfg: LossConfig) -> tuple[Segment, ...]:
+    """An external teacher (`teachers.reference.checkpoint`) reading the student's own context on every token."""
+    return (Segment("external", "reference", "student", "reverse", 1.0),)
 
 
 def segments(cfg: LossConfig) -> tuple[Segment, ...]:
     """The objective's segments. `loss.divergence=kl` keeps each segment's own direction (SPEC §5); `jsd` and
     `sampled_rkl` replace it for every segment."""
-    if cfg.objective == "vigos":
-        base = (
-            Segment("perception", "perception", "perception", "forward", cfg.perception_weight),
-            Segment("reasoning", "reasoning", "reasoning", "forward", cfg.reasoning_weight),
-            Segment("reference", "reference", "reference", "reverse", cfg.reference_weight),
-        )
-    elif cfg.objective == "opsd":  # the privileged full-format teacher (the reference context) on every token
-        base = (Segment("privileged", "reference", "reference", "forward", 1.0),)
-    else:  # an external teacher reading the student's own context on every token (on-policy distillation)
-        base = (Segment("external", "reference", "student", "reverse", 1.0),)
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"config key 'loss.objective': unknown objective {cfg.objective!r}; registered: "
+                          f"{sorted(OBJECTIVES)}")  # fmt: skip
+    base = OBJECTIVES[cfg.objective](cfg)
     override = {"kl": None, "jsd": "jsd", "sampled_rkl": "sampled"}[cfg.divergence]
     if override is None:
         return base
-    return tuple(Segment(s.name, s.teacher, s.context, override, s.weight) for s in base)
+    return tuple(dataclasses.replace(s, kind=override) for s in base)
 
 
 def divergence_spec(segment: Segment, cfg: LossConfig) -> DivergenceSpec:
@@ -55,13 +97,7 @@ def divergence_spec(segment: Segment, cfg: LossConfig) -> DivergenceSpec:
 
 def segment_positions(segment: Segment, spans: Spans) -> tuple[int, ...]:
     """Completion positions the segment supervises in one rollout (SPEC §4)."""
-    if segment.name == "perception":
-        return spans.description
-    if segment.name == "reasoning":
-        return spans.reasoning
-    if segment.name == "reference":
-        return spans.reference  # empty for valid rows: the reference teacher sees invalid rows only
-    return tuple(range(spans.length))  # privileged / external: every completion token, EOS included
+    return SCORED[segment.scores](spans)
 
 
 def _continuation(segment: Segment, spans: Spans, cfg: LossConfig) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from vigos_ray.config import load_config
+from vigos_ray.config import ConfigError, load_config
 from vigos_ray.data import PromptStream, read_records
 from vigos_ray.easyvqa import answer_vocabulary, write_easyvqa_jsonl
 from vigos_ray.models import load_model, load_processor
@@ -165,6 +165,32 @@ def test_loss_does_not_depend_on_rollout_order_or_padding(samples, processor, te
     torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-9, rtol=1e-6, msg=name)
+
+
+def test_an_objective_defined_here_needs_no_change_to_the_library(samples, processor, teacher, student):
+    """Adding an objective is one registered function (here, in this test): a perception-only variant of ViGOS (its
+    image-only teacher on the description, nothing else) starts only that teacher's pool, plans only its rows, and
+    its loss is exactly ViGOS's perception term on the same rollouts."""
+    from vigos_ray.objective import OBJECTIVES, Segment, objective
+
+    @objective("perception_only")
+    def perception_only(loss):
+        return (Segment("perception", "perception", "perception", "forward", 1.0, scores="description"),)
+
+    try:
+        cfg = config("loss.objective=perception_only")
+        assert list(cfg.teacher_pools()) == ["perception"]
+        rollouts = rollouts_for(samples, processor, cfg)
+        _, _, plan = planned(samples, processor, cfg, rollouts)
+        assert list(plan.teacher_rows) == ["perception"] and plan.row_rollout == {"perception": [0, 2]}
+        only, _, _ = _loss_and_grads(student, teacher, samples, processor, cfg, rollouts)
+        _, _, vigos_stats = _loss_and_grads(student, teacher, samples, processor, config(), rollouts)
+        assert only.item() > 0
+        torch.testing.assert_close(only.item(), vigos_stats["perception"].loss, atol=1e-10, rtol=0)
+    finally:
+        del OBJECTIVES["perception_only"]
+    with pytest.raises(ConfigError, match="'loss.objective': unknown objective 'perception_only'"):
+        config("loss.objective=perception_only")
 
 
 def test_hidden_and_full_support_topk_payloads_give_the_same_loss(samples, processor, teacher, student):
