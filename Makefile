@@ -13,8 +13,7 @@ run: setup
 study: setup
 	$(PY) launch/study.py $(ARGS)
 
-test: setup
-	$(VENV)/bin/ruff check vigos_ray workers launch tests bench
+test: lint
 	$(PY) -m pytest -q $(ARGS)
 
 # Whole runs, fault scenarios and the default warm start (CI runs them after `make test`).
@@ -30,3 +29,4 @@ test-all: setup
 
 lint: setup
 	$(VENV)/bin/ruff check vigos_ray workers launch tests bench
+	$(VENV)/bin/ruff format --check vigos_ray workers launch tests bench

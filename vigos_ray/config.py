@@ -194,7 +194,6 @@ class TeachersConfig:
         return {"perception": self.perception, "reasoning": self.reasoning, "reference": self.reference}
 
 
-
 @dataclass
 class LossConfig:
     # vigos: three teachers; opsd: the privileged full-format teacher on every token; distill: external teacher.

@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from vigos_ray.data import PromptStream, Sample, read_records
 from vigos_ray.easyvqa import write_easyvqa_jsonl
 from vigos_ray.models import load_model, load_processor, resolve_model_path, write_model_folder
 from vigos_ray.prompts import encode, student_text, teacher_texts
+from vigos_ray.schedule import lr_lambda
 from vigos_ray.scoring import hidden_at, output_head
 from vigos_ray.types import ScoreRow
 
@@ -123,9 +123,7 @@ def completion_loss(model, rows: list[ScoreRow], vocab: int, budget: int) -> tor
     return F.cross_entropy(logits.float(), targets)
 
 
-def train_sft(
-    cfg: Config, model_path: Path, out: Path, on_step: Callable[[int, float], None] | None = None
-) -> Path:
+def train_sft(cfg: Config, model_path: Path, out: Path, on_step: Callable[[int, float], None] | None = None) -> Path:
     """`warm_start.steps` AdamW steps (cosine decay) on easy-VQA train; writes a Hugging Face folder at `out`.
     The vision tower (encoder and merger) is kept as it is unless `warm_start.train_vision`: trained along, the
     tiny model's tower collapsed to one output for every image."""
@@ -145,7 +143,7 @@ def train_sft(
                 p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", 0, steps))
     vocab = len(processor.tokenizer)
     for step in range(steps):
         rows = sft_rows(processor, cfg, stream.next_batch(batch), labels)

@@ -339,4 +339,3 @@ def receive(
     if failure is not None:
         raise failure
     return digests, total
-

@@ -8,7 +8,6 @@ ranks. After each step every rank joins the gather of full weights and rank 0 pu
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import deque
@@ -35,6 +34,7 @@ from vigos_ray.models import (
     write_model_folder,
 )
 from vigos_ray.objective import segments, student_loss
+from vigos_ray.schedule import lr_lambda
 from vigos_ray.scoring import output_head
 from vigos_ray.transports import Endpoint, open_transport
 from vigos_ray.types import RankStep, SegmentSums
@@ -61,20 +61,6 @@ class LossModule(nn.Module):
         loss, stats = student_loss(self.student, micro.plan, micro.targets, self.cfg, self.vocab_size, heads,
                                    global_counts, world_size, self.pad_id)  # fmt: skip
         return loss * micro.weight, stats
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(total - warmup, 1)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return factor
 
 
 class LearnerWorker:
@@ -380,6 +366,7 @@ def token_logprobs(learner: LearnerWorker, ids: list[int]) -> list[float]:
     learner.module.eval()
     return learner.module(torch.tensor([ids], device=learner.device)).tolist()
 
+
 def state_checksums(learner: LearnerWorker) -> dict[str, str] | None:
     """Checksum of every parameter (LoRA adapters unmerged) and buffer of the whole student, by its name in the
     module; a collective (each parameter is gathered), the dict on rank 0, None elsewhere."""
@@ -391,6 +378,7 @@ def state_checksums(learner: LearnerWorker) -> dict[str, str] | None:
         return None
     state.update({name: b for name, b in learner.module.named_buffers()})  # non-persistent ones too (inv_freq)
     return {name: tensor_checksum(t) for name, t in state.items()}
+
 
 def head_checksums(learner: LearnerWorker) -> dict[str, str]:
     """Checksum of each segment's teacher head in `model.dtype`, as the teachers hold it (a collective: a head

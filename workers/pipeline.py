@@ -88,8 +88,9 @@ class Pipeline:
     def generate_async(self, samples: Sequence[Sample], seed: int) -> RolloutRequest:
         """Rollouts for `samples`, sampled by whatever weights the workers hold when they get to it."""
         samples = list(samples)
-        return RolloutRequest(self, samples, seed, self.version, self.rollout.scatter_async("generate", samples,
-                                                                                             seed=seed))
+        return RolloutRequest(
+            self, samples, seed, self.version, self.rollout.scatter_async("generate", samples, seed=seed)
+        )
 
     def generate_with(self, samples: Sequence[Sample], seed: int, decoding: Decoding) -> Pending:
         """Samples with other decoding (`rollout.*` fields replaced), e.g. held-out evaluation during training."""

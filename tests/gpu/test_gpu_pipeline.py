@@ -26,8 +26,14 @@ def probe_gap(pipe: Pipeline) -> float:
     return max(float((torch.tensor(lp) - learner).abs().max()) for lp in pipe.rollout.call_all("token_logprobs", PROBE))
 
 
-ONE_GPU = ["rollout.num_gpus=0.3", "rollout.gpu_memory_utilization=0.2", "teachers.perception.num_gpus=0.1",
-           "teachers.reasoning.num_gpus=0.1", "teachers.reference.num_gpus=0.1", "learner.num_gpus=0.3"]
+ONE_GPU = [
+    "rollout.num_gpus=0.3",
+    "rollout.gpu_memory_utilization=0.2",
+    "teachers.perception.num_gpus=0.1",
+    "teachers.reasoning.num_gpus=0.1",
+    "teachers.reference.num_gpus=0.1",
+    "learner.num_gpus=0.3",
+]
 # learner rank 0 on one GPU, each engine worker on a GPU of its own, teachers on CPU
 APART = ["learner.num_gpus=1", "rollout.gpu_memory_utilization=0.3"]
 

@@ -91,8 +91,13 @@ def test_eval_command_on_the_warm_start_reports_what_its_responses_show(tmp_path
     assert code == 0, stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["items"] == 6 and report["samples_per_item"] == 3 and report["k"] == 2
-    assert report["decoding"] == {"temperature": 1.0, "top_p": 0.9, "top_k": 20, "max_new_tokens": 96,
-                                  "samples_per_prompt": 3}
+    assert report["decoding"] == {
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "top_k": 20,
+        "max_new_tokens": 96,
+        "samples_per_prompt": 3,
+    }
 
     def right(text: str, answer: str) -> bool:
         boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)

@@ -98,8 +98,6 @@ def test_empty_model_path_builds_the_tiny_model_once(tmp_path):
     assert resolve_model_path(cfg, tmp_path) == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-
-
 def initial_push(folder, bucket_bytes=2**16):
     """A version-0 push of `folder`'s own weights through the object store, as learner rank 0 sends it:
     (specs, handles, checksum). Rollout workers refuse to sample before a push."""

@@ -156,6 +156,7 @@ def test_async_object_store_pushes_do_not_wait_for_sampling_and_every_batch_uses
     assert max(gaps) < PROBE_TOL and pipe.pusher._unconfirmed is None  # every push loaded and confirmed by the end
 
 
+@pytest.mark.e2e  # ~35 s of actor restarts: the default suite stays under 5 minutes from a fresh clone
 def test_killed_rollout_and_teacher_workers_are_restarted_and_their_work_is_redone(pipe, batch, samples_and_processor,
                                                                                    caplog):  # fmt: skip
     """A batch sampled ahead under version v (async mode) loses its rollout worker while the learner steps to v+1:

@@ -32,6 +32,7 @@ def timed_call(pool: TeacherPool, rows: list) -> tuple[list[int], float]:
     return out, seconds
 
 
+@pytest.mark.e2e  # ~10 s of scaling by the clock: run after the default suite
 def test_a_slow_pool_grows_to_its_maximum_and_an_idle_one_shrinks_to_its_minimum(ray_cluster):
     cfg = TeacherPoolConfig(min_workers=1, max_workers=3, num_cpus=0.5, scale_up_s=0.4, idle_s=1.0)
     pool = TeacherPool(SlowScorer, cfg, args=(0.1,), name="slow")

@@ -56,9 +56,11 @@ def records(run_dir: Path) -> list[dict]:
 def third_party_noise(console: str) -> list[str]:
     """Lines of a console that are not ours: Ray worker prefixes, Python warnings, other progress bars."""
     lines = [part for line in console.splitlines() for part in line.split("\r") if part.strip()]
-    ours = re.compile(r"^(\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING|ERROR) (vigos_ray|workers|launch)[.:]"
-                      r"|train:|warm start:|logs: |trained \d+ steps|  |model:|metrics:|checkpoints:|plot:|evaluate:"
-                      r"|preempted: )")
+    ours = re.compile(
+        r"^(\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING|ERROR) (vigos_ray|workers|launch)[.:]"
+        r"|train:|warm start:|logs: |trained \d+ steps|  |model:|metrics:|checkpoints:|plot:|evaluate:"
+        r"|preempted: )"
+    )
     return [line for line in lines if not ours.match(line)]
 
 

@@ -213,6 +213,7 @@ def test_batch_order_does_not_change_the_pooled_loss():
 def test_generalized_jsd_matches_trl(logits, beta, temperature):
     """Golden parity with an independent implementation: TRL's GKD loss (masked token mean)."""
     from trl.experimental import gkd  # in the `test` extra: never skipped
+
     s, t = logits
     labels = torch.randint(0, V, (4, 7), generator=torch.Generator().manual_seed(4))
     labels[0, :3] = -100

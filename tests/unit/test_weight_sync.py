@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from vigos_ray.schedule import lr_lambda
 from vigos_ray.transports import Endpoint, choose, open_transport
 from vigos_ray.weight_sync import (
     Digests,
@@ -26,7 +27,6 @@ from vigos_ray.weight_sync import (
     state_digest,
     unpack,
 )
-from workers.learner import lr_lambda
 
 
 class Block(nn.Module):
