@@ -6,7 +6,8 @@ The rollout worker drives vLLM's lifecycle (`init_weight_transfer_engine`, then 
 group under its own rank and takes every bucket (`weight_sync.receive`: verified bucket by bucket, then handed to
 the model's loader, which keeps this tensor-parallel rank's part). Loading goes through vLLM's layer-wise reload:
 a layer is rebuilt once all of its tensors have arrived, and a layer that receives none stays as it is (delta
-pushes). A push that fails mid-way (a refused bucket, a broken group) still finishes the reload: nothing of a
+pushes); a layer that receives only some is rebuilt from those alone, so a delta push carries whole load units
+(`weight_sync.load_unit`). A push that fails mid-way (a refused bucket, a broken group) still finishes the reload: nothing of a
 refused bucket is loaded, but a layer cut by the failure holds only part of its new tensors, so the rollout worker
 stays stale (refuses to sample) until a full push lands. A failure is returned as data (`Failure`), not raised
 inside the engine.
