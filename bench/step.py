@@ -39,11 +39,11 @@ def capture(pipe) -> dict:
         seen["rows"], seen["targets"] = plan.teacher_rows, targets
         return targets, seconds
 
-    def train_and_keep(plan, targets):
+    def train_and_keep(plan, targets, keep: int = 0):
         from vigos_ray.batching import split_batch
 
         seen["batches"] = split_batch(plan, targets, len(pipe.learner.actors), pipe.cfg.learner.micro_token_budget)
-        return train_(plan, targets)
+        return train_(plan, targets, keep=keep)
 
     pipe.score, pipe.train = score_and_keep, train_and_keep
     return seen
