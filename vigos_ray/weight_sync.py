@@ -265,8 +265,7 @@ def send(
     Pipelined: bucket k+1 is cast and packed while bucket k is on the wire, and a helper thread hashes each bucket
     while it travels, so at most two buckets are alive. Each tensor is copied into its bucket as soon as it is
     yielded, so `weights` may hand out memory it reuses right after (an FSDP unit's gathered view)."""
-    digests, total = Digests(), 0
-    in_flight: list[Callable[[], None]] = []
+    digests, in_flight = Digests(), []
     with ThreadPoolExecutor(1) as hasher:
         for bucket in plan_buckets(specs, bucket_bytes):
             bucket_specs = [specs[i] for i in bucket]
@@ -283,12 +282,11 @@ def send(
             hashed.result()
             names = [s.name for s in bucket_specs]
             in_flight.append(transport.send(_digest_message(digests.hexdigest(names), transport.device)))
-            total += buffer.numel()
             while len(in_flight) > 2:  # the bucket before this one has left: its memory may go
                 in_flight.pop(0)()
-        for wait in in_flight:
-            wait()
-    return digests, total
+        while in_flight:
+            in_flight.pop(0)()
+    return digests, sum(s.nbytes for s in specs)
 
 
 def copy_cast(buffer: torch.Tensor, offset: int, t: torch.Tensor, spec: TensorSpec) -> None:

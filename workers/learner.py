@@ -338,6 +338,9 @@ class LearnerWorker:
             for _ in weights:  # the other ranks are still gathering: finish every all-gather with them, then fail
                 pass
             raise
+        except Exception:  # e.g. a learner rank died in a gather: receivers waiting in this push fail now, not at
+            self.transport.close()  # the group's timeout (a group is re-formed before the next push anyway)
+            raise
         self.sent = digests.by_name if full else {**self.sent, **digests.by_name}
         report = weight_sync.PushReport(version, nbytes, time.perf_counter() - t0, digests.hexdigest(),
                                         self.transport.endpoint.transport, weight_sync.state_digest(self.sent),

@@ -82,7 +82,7 @@ class WeightPusher:
             try:
                 return self._push_once(wait, version)
             except (RayActorError, PushGroupError, FullPushNeeded) as err:
-                if attempt == RESTARTS:
+                if attempt == RESTARTS or self._learner_lost(err):
                     raise
                 log.warning("weight push %d failed (%s); re-forming the push group and pushing every tensor",
                             version, str(err).strip().splitlines()[-1])  # fmt: skip
@@ -106,6 +106,11 @@ class WeightPusher:
             return []
         self._check_receipts(report, receipts)
         return receipts
+
+    def _learner_lost(self, err: Exception) -> bool:
+        """A learner rank died: the run cannot go on (no push group to re-form); the driver's restart resumes."""
+        dead = getattr(err, "actor_id", None)
+        return dead is not None and dead in {a._actor_id.hex() for a in self.learner.actors}
 
     def recover(self, version: int) -> None:
         """After a rollout worker died: wait for Ray's restart, re-form the push group (its old member is gone),

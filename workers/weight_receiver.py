@@ -4,13 +4,14 @@ engine worker, so an engine with tensor parallelism (workers in processes of the
 The rollout worker drives vLLM's lifecycle (`init_weight_transfer_engine`, then per push `start_weight_update`,
 `update_weights`, `finish_weight_update`); vLLM calls it on each engine worker, and each worker joins the push
 group under its own rank and takes every bucket (`weight_sync.receive`: verified bucket by bucket, then handed to
-the model's loader, which keeps this tensor-parallel rank's part). Loading goes through vLLM's layer-wise reload:
-a layer is rebuilt once all of its tensors have arrived, and a layer that receives none stays as it is (delta
-pushes); a layer that receives only some is rebuilt from those alone, so a delta push carries whole load units
-(`weight_sync.load_unit`). A push that fails mid-way (a refused bucket, a broken group) still finishes the reload: nothing of a
-refused bucket is loaded, but a layer cut by the failure holds only part of its new tensors, so the rollout worker
-stays stale (refuses to sample) until a full push lands. A failure is returned as data (`Failure`), not raised
-inside the engine.
+the model's loader, which keeps this tensor-parallel rank's part).
+
+Loading goes through vLLM's layer-wise reload: a layer is rebuilt once all of its tensors have arrived, and a
+layer that receives none stays as it is (delta pushes); a layer that receives only some is rebuilt from those
+alone, so a delta push carries whole load units (`weight_sync.load_unit`). A push that fails mid-way (a refused
+bucket, a broken group) still finishes the reload: nothing of a refused bucket is loaded, but a layer cut by the
+failure holds only part of its new tensors, so the rollout worker stays stale (refuses to sample) until a full
+push lands. A failure is returned as data (`Failure`), not raised inside the engine.
 
 vLLM creates the engine by its backend name in the process of each engine worker: `register` runs in the rollout
 worker before its engine starts and, through the `vllm.general_plugins` entry point (setup.cfg), in every engine

@@ -225,6 +225,40 @@ def test_a_streamed_push_reaches_every_receiver_bucket_by_bucket_and_a_damaged_b
     assert [n for _, named in loads[2] for n, _ in named] == [s.name for s in specs[:4]]  # buckets 0 and 1 only
 
 
+def test_a_sender_that_fails_mid_push_and_closes_its_end_releases_the_receivers_at_once():
+    """Learner rank 0's gather fails mid-push (another rank died): it closes its end, and the receiver waiting for
+    the next bucket fails within seconds, not at the group's timeout (while the sender's group lives, a receiver
+    stays blocked: neither ProcessGroupGloo.shutdown nor abort releases it, measured)."""
+    import time
+
+    specs = [TensorSpec(f"w{i}", (64, 64), "float32") for i in range(6)]
+
+    def gathered():
+        for spec in specs[:3]:
+            yield spec.name, torch.ones(spec.shape)
+        raise RuntimeError("a learner rank died in its all-gather")
+
+    endpoint = Endpoint("gloo", "127.0.0.1", free_port("127.0.0.1"), 2, GROUP_TIMEOUT_S)
+
+    def member(rank):
+        end = open_transport(endpoint, rank)
+        t0 = time.monotonic()
+        try:
+            if rank == 0:
+                send(gathered(), specs, 2 * 64 * 64 * 4, end)
+            else:
+                receive(specs, 2 * 64 * 64 * 4, end, None)
+        except RuntimeError as err:
+            if rank == 0:
+                end.close()
+            return type(err).__name__, time.monotonic() - t0
+        return "completed", time.monotonic() - t0
+
+    (sender, _), (receiver, seconds) = run_group([member] * 2)
+    assert sender == "RuntimeError" and receiver == "PushGroupError"
+    assert seconds < GROUP_TIMEOUT_S / 4, seconds
+
+
 def test_the_device_checksum_sees_a_flipped_bit_two_swapped_words_and_a_different_length():
     data = torch.randint(0, 256, (4099,), dtype=torch.uint8)  # not a whole number of 8-byte words
     base = [int(x) for x in device_checksum(data)]
