@@ -26,15 +26,11 @@ from vigos_ray.weight_sync import PushReceipt, PushReport, free_address
 from workers.group import Pending, WorkerGroup, wait_all
 from workers.learner import LearnerWorker, head_checksums
 from workers.pool import TeacherPool
-from workers.pusher import WeightPusher
+from workers.pusher import RESTARTS, WeightPusher
 from workers.rollout import RolloutWorker, StaleWeightsError
 from workers.teacher import TeacherWorker
 
 log = logging.getLogger(__name__)
-# A call (a batch to sample, a push, a scoring call) whose rollout or teacher actor died is retried this many times
-# before the run fails. The actors themselves are restarted however often they die over a run (a long run meets
-# many preemptions of the same worker); a crash loop shows as a call that keeps failing.
-RESTARTS = 3
 FOREVER = -1  # Ray's max_restarts for "always"
 
 

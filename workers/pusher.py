@@ -23,7 +23,10 @@ from workers.group import WorkerGroup
 from workers.rollout import FullPushNeeded
 
 log = logging.getLogger(__name__)
-RESTARTS = 3  # a push whose rollout worker died is redone this many times before the run fails
+# A call (a batch to sample, a push, a scoring call) whose rollout or teacher actor died is retried this many times
+# before the run fails. The actors themselves are restarted however often they die over a run (a long run meets
+# many preemptions of the same worker); a crash loop shows as a call that keeps failing.
+RESTARTS = 3
 
 
 class WeightPusher:
