@@ -20,7 +20,6 @@ worker process vLLM spawns.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from vllm.distributed.weight_transfer.base import (
@@ -56,7 +55,6 @@ class Arrival:
     rank: int
     digests: dict[str, str]  # per tensor, by name
     bytes: int
-    seconds: float
 
 
 @dataclass(frozen=True)
@@ -112,14 +110,13 @@ class BucketReceiver(WeightTransferEngine[ReceiverInit, ReceiverUpdate]):
             raise RuntimeError("the weight-push group was not joined: call init_weight_transfer_engine first")
         specs = [TensorSpec(name, tuple(shape), dtype) for name, shape, dtype in update_info.specs]
         self.transport.expect(update_info.handles)
-        t0 = time.perf_counter()
         load = self.model.load_weights if update_info.load else None
         try:
             digests, nbytes = receive(specs, update_info.bucket_bytes, self.transport, load)
         except Exception as err:  # noqa: BLE001 -- reported as data (see Failure); the update is still finished
             self.outcome = Failure.of(self.rank, err)
             return
-        self.outcome = Arrival(self.rank, digests.by_name, nbytes, time.perf_counter() - t0)
+        self.outcome = Arrival(self.rank, digests.by_name, nbytes)
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload

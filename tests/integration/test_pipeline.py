@@ -55,9 +55,14 @@ def samples_and_processor(tiny_fast, cache_dir):
     return prompt_stream(cfg, processor).next_batch(4), processor
 
 
-def probe_gap(pipe: Pipeline) -> float:
+def probe_gaps(pipe: Pipeline) -> list[float]:
+    """Per rollout worker, the largest gap between its log-probs of PROBE and the learner's."""
     learner = torch.tensor(pipe.learner.call_all(token_logprobs, PROBE)[0])
-    return max(float((torch.tensor(lp) - learner).abs().max()) for lp in pipe.rollout.call_all("token_logprobs", PROBE))
+    return [float((torch.tensor(lp) - learner).abs().max()) for lp in pipe.rollout.call_all("token_logprobs", PROBE)]
+
+
+def probe_gap(pipe: Pipeline) -> float:
+    return max(probe_gaps(pipe))
 
 
 def test_a_fixed_batch_gives_the_single_process_loss_and_gradient(pipe, batch, tiny_fast):

@@ -9,27 +9,20 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from vigos_ray.models import load_processor
 from vigos_ray.preflight import prompt_stream
 from vigos_ray.weight_sync import WeightSyncError
 from workers.driver import train
-from workers.learner import token_logprobs
 from workers.pipeline import Pipeline
 from workers.rollout import StaleWeightsError
 
-from .test_pipeline import PROBE, config
+from .test_pipeline import config, probe_gaps
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 # A tensor-parallel engine splits each matmul's reduction across its ranks: the same weights, other summation
 # orders. Measured here (fp32, tiny model): at most 4.8e-7 over the 4 pushes; 1e-5 as for a single engine.
 TP_PROBE_TOL = 1e-5
-
-
-def probe_gaps(pipe: Pipeline) -> list[float]:
-    learner = torch.tensor(pipe.learner.call_all(token_logprobs, PROBE)[0])
-    return [float((torch.tensor(lp) - learner).abs().max()) for lp in pipe.rollout.call_all("token_logprobs", PROBE)]
 
 
 def test_two_tensor_parallel_engines_and_three_learner_ranks_hold_the_learners_weights_after_every_push(
