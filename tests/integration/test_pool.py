@@ -61,9 +61,21 @@ def test_a_slow_pool_grows_to_its_maximum_and_an_idle_one_shrinks_to_its_minimum
         pool.shutdown()
 
 
+def all_cpus_free(ray, timeout_s: float = 30.0) -> float:
+    """The cluster's CPU count, once actors of earlier tests (killed asynchronously) have given theirs back."""
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < total:
+        assert time.monotonic() < deadline, f"CPUs still held after {timeout_s} s: {ray.available_resources()}"
+        time.sleep(0.1)
+    return total
+
+
 def test_a_worker_the_cluster_cannot_place_stays_starting_while_scoring_goes_on(ray_cluster):
-    free = ray_cluster.available_resources()["CPU"]
-    cfg = TeacherPoolConfig(min_workers=1, max_workers=2, num_cpus=0.6 * free, scale_up_s=0.05, idle_s=100)
+    # Sized against the whole cluster, not a snapshot of what is free: in CI a snapshot taken while an earlier
+    # test's actors were still being torn down made 0.6 x free small enough for two workers to fit.
+    cpus = all_cpus_free(ray_cluster)
+    cfg = TeacherPoolConfig(min_workers=1, max_workers=2, num_cpus=0.6 * cpus, scale_up_s=0.05, idle_s=100)
     pool = TeacherPool(SlowScorer, cfg, args=(0.05,), name="big")
     try:
         pool.ready().result()
