@@ -48,11 +48,11 @@ def payload_bytes(cache: Path, prompts: int, max_new_tokens: int) -> None:
     full = tokens * vocab * 4
     out = [["full logits (fp32, not shipped)", f"{full / tokens:,.0f}", "1.0"]]
     for payload in ("hidden", "topk", "sampled"):
-        pcfg = load_config(overrides=[*base, f"teachers.payload={payload}",
+        pcfg = load_config(overrides=[*base, f"scoring.payload={payload}",
                                       *(["loss.divergence=sampled_rkl"] if payload == "sampled" else [])])  # fmt: skip
         targets = pool_targets(model, rows, pcfg, "reference", vocab, processor.tokenizer.pad_token_id)
         size = len(pickle.dumps(targets))
-        out.append([f"{payload}" + (f" (k={pcfg.teachers.topk})" if payload == "topk" else ""),
+        out.append([f"{payload}" + (f" (k={pcfg.scoring.topk})" if payload == "topk" else ""),
                     f"{size / tokens:,.0f}", f"1/{full / size:,.0f}"])  # fmt: skip
     d, v = model.config.text_config.hidden_size, vocab
     table(f"Payload bytes per supervised token ({tokens} tokens, vocab {v:,}, hidden size {d}; "
@@ -94,7 +94,7 @@ def learner_bytes(cache: Path, prompts: int, ranks: int = 2) -> None:
         before = now + len(pickle.dumps(rows))
         out.append([rank, len(mine), f"{before / 2**20:.2f}", f"{now / 2**20:.2f}", f"{now / before:.2f}"])
     table(f"Bytes a learner rank receives per step ({prompts} rollouts, {ranks} ranks, max_pixels "
-          f"{cfg.model.max_pixels:,}, `{cfg.teachers.payload}` payloads)",
+          f"{cfg.model.max_pixels:,}, `{cfg.scoring.payload}` payloads)",
           ["rank", "rollouts", "with teacher rows (MB)", "now (MB)", "ratio"], out)  # fmt: skip
 
 

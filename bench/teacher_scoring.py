@@ -56,8 +56,8 @@ def ours(cfg, plan, model, vocab: int, payload: str) -> dict:
         seg_rows = plan.teacher_rows.get(seg.name, [])
         if not seg_rows:
             continue
-        budget = cfg.teachers.pools()[seg.teacher].token_budget
-        teacher_targets(model, seg_rows, payload, vocab, budget, cfg.teachers.topk, pad_id=0)
+        budget = cfg.teachers[seg.teacher].token_budget
+        teacher_targets(model, seg_rows, payload, vocab, budget, cfg.scoring.topk, pad_id=0)
         rows += len(seg_rows)
         padded += sum(len(r.input_ids) for r in seg_rows)
         scored += sum(len(r.scored) for r in seg_rows) if payload != "hidden" else 0
@@ -91,7 +91,7 @@ def naive(cfg, processor, samples, rollouts, model, vocab: int, batch: int = 8) 
                            image_grid_thw=torch.cat([c.image_grid_thw for c, _, _ in chunk])).logits  # fmt: skip
             lp = F.log_softmax(logits[..., :vocab].float(), dim=-1)  # [B, T, V] at every position
             for b, (_, row, start) in enumerate(chunk):
-                lp[b, start - 1 : len(row) - 1].topk(cfg.teachers.topk, dim=-1)
+                lp[b, start - 1 : len(row) - 1].topk(cfg.scoring.topk, dim=-1)
             padded += ids.numel()
             positions += ids.numel()
     return {"rows": len(rows), "tokens": padded, "logit_positions": positions}

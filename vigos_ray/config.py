@@ -88,24 +88,48 @@ class DataConfig:
 
 
 @dataclass
-class PromptConfig:
-    student: str = STUDENT_TEMPLATE
-    perception: str = PERCEPTION_TEMPLATE
-    reasoning: str = REASONING_TEMPLATE
-    reference: str = REFERENCE_TEMPLATE
-    # The assistant turn of the student (and reference teacher) context starts with this text.
-    student_prefill: str = "<description>"
-    reasoning_prefill: str = "<think>"
+class ContextConfig:
+    """What one reader of a rollout sees before the completion tokens: a user turn (the image, then `template`
+    with `{problem}` and `{answer}` filled per sample) and the opening of the assistant turn."""
 
-    def __post_init__(self) -> None:
-        _require("{problem}" in self.student, "prompts.student", "must contain the {problem} placeholder")
-        for name in ("reasoning", "reference"):
-            text = getattr(self, name)
-            _require("{answer}" in text, f"prompts.{name}", "must contain the {answer} placeholder")
-        _require("{answer}" not in self.student, "prompts.student", "must not show the {answer} to the student")
-        _require("{answer}" not in self.perception, "prompts.perception", "must not show the {answer}")
-        # The reasoning teacher's context resumes inside the student's completion right after this tag.
-        _require(self.reasoning_prefill.endswith("<think>"), "prompts.reasoning_prefill", "must end with <think>")
+    template: str = ""
+    prefill: str = ""  # the assistant turn starts with this text
+    # Where this context picks up the student's completion: at its first token (`start`), or at the reasoning right
+    # after `<think>` (`think`: the prefill ends with `<think>` and the completion before it is not shown).
+    resumes: Literal["start", "think"] = "start"
+
+
+def default_contexts() -> dict[str, ContextConfig]:
+    return {
+        "student": ContextConfig(STUDENT_TEMPLATE, "<description>"),
+        "perception": ContextConfig(PERCEPTION_TEMPLATE),
+        "reasoning": ContextConfig(REASONING_TEMPLATE, "<think>", resumes="think"),
+        "reference": ContextConfig(REFERENCE_TEMPLATE, "<description>"),
+    }
+
+
+def check_contexts(contexts: dict[str, ContextConfig]) -> None:
+    _require("student" in contexts, "prompts.student", "is the context the student samples in; it cannot be removed")
+    student = contexts["student"].template
+    _require("{problem}" in student, "prompts.student.template", "must contain the {problem} placeholder")
+    _require("{answer}" not in student, "prompts.student.template", "must not show the {answer} to the student")
+    _require(contexts["student"].resumes == "start", "prompts.student.resumes", "must be start")
+    for name, ctx in contexts.items():
+        try:
+            ctx.template.format(problem="", answer="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(
+                f"config key 'prompts.{name}.template': {{{err.args[0]}}} is not a placeholder; use {{problem}} "
+                "and {answer}, and double other braces ({{ }})"
+            ) from None
+        if ctx.resumes == "think":
+            _require(ctx.prefill.endswith("<think>"), f"prompts.{name}.prefill", "must end with <think> to resume")
+    for name in ("reasoning", "reference"):  # the privileged contexts of ViGOS and OPSD
+        if name in contexts:
+            _require("{answer}" in contexts[name].template, f"prompts.{name}.template", "must contain {answer}")
+    if "perception" in contexts:
+        _require("{answer}" not in contexts["perception"].template, "prompts.perception.template",
+                 "must not show the {answer}")  # fmt: skip
 
 
 @dataclass
@@ -176,22 +200,20 @@ class TeacherPoolConfig:
         _require(self.token_budget >= 64, f"{key}.token_budget", f"must be >= 64 (got {self.token_budget})")
 
 
+def default_teachers() -> dict[str, TeacherPoolConfig]:
+    """One pool per teacher role of the built-in objectives (objective.py); a new role is a new key."""
+    roles = ("perception", "reasoning", "reference", "privileged", "external")
+    return {role: TeacherPoolConfig() for role in roles}
+
+
 @dataclass
-class TeachersConfig:
-    perception: TeacherPoolConfig = field(default_factory=TeacherPoolConfig)
-    reasoning: TeacherPoolConfig = field(default_factory=TeacherPoolConfig)
-    reference: TeacherPoolConfig = field(default_factory=TeacherPoolConfig)
+class ScoringConfig:
     # What a teacher ships to the learner per scored token (SPEC §7).
     payload: Literal["hidden", "topk", "sampled"] = "hidden"
     topk: int = 64
 
     def __post_init__(self) -> None:
-        for role in ("perception", "reasoning", "reference"):
-            getattr(self, role).check(role)
-        _require(self.topk >= 1, "teachers.topk", f"must be >= 1 (got {self.topk})")
-
-    def pools(self) -> dict[str, TeacherPoolConfig]:
-        return {"perception": self.perception, "reasoning": self.reasoning, "reference": self.reference}
+        _require(self.topk >= 1, "scoring.topk", f"must be >= 1 (got {self.topk})")
 
 
 @dataclass
@@ -440,9 +462,12 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    prompts: PromptConfig = field(default_factory=PromptConfig)
+    # The contexts the student and the teachers read, by name (objective.py's segments name them).
+    prompts: dict[str, ContextConfig] = field(default_factory=default_contexts)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    # One pool of frozen teacher workers per role, by name (objective.py's segments name them).
+    teachers: dict[str, TeacherPoolConfig] = field(default_factory=default_teachers)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
@@ -456,14 +481,37 @@ class Config:
         """The teacher pools this run starts: the roles the segments of `loss.objective` are scored by."""
         from vigos_ray.objective import segments
 
-        roles = {seg.teacher for seg in segments(self.loss)}
-        return {role: pool for role, pool in self.teachers.pools().items() if role in roles}
+        return {seg.teacher: self.teachers[seg.teacher] for seg in segments(self.loss)}
+
+    def context(self, name: str) -> ContextConfig:
+        """The context `name` as this run renders it. With loss.rea_teacher_sees_description (paper Eq. 15) the
+        reasoning teacher reads the whole completion, so its context opens like the student's."""
+        ctx = self.prompts[name]
+        if name == "reasoning" and self.loss.rea_teacher_sees_description:
+            return dataclasses.replace(ctx, prefill=self.prompts["student"].prefill, resumes="start")
+        return ctx
 
     def __post_init__(self) -> None:
-        from vigos_ray.objective import segments
+        from vigos_ray.objective import OBJECTIVES, segments
 
-        unknown = {seg.teacher for seg in segments(self.loss)} - set(self.teachers.pools())  # and the objective
-        _require(not unknown, "loss.objective", f"scores with teachers {sorted(unknown)} that teachers.* has not")
+        check_contexts(self.prompts)
+        for role, pool in self.teachers.items():
+            pool.check(role)
+        used = segments(self.loss)
+        for seg in used:
+            what = f"loss.objective={self.loss.objective} scores segment {seg.name!r} with"
+            _require(
+                seg.teacher in self.teachers,
+                f"teachers.{seg.teacher}",
+                f"{what} this teacher role: configure its pool (e.g. teachers.{seg.teacher}.max_workers=1)",
+            )
+            _require(seg.context in self.prompts, f"prompts.{seg.context}",
+                     f"{what} this context: give it a template (prompts.{seg.context}.template=...)")  # fmt: skip
+        known = {seg.teacher for fn in OBJECTIVES.values() for seg in fn(self.loss)}
+        for role in self.teachers:  # a pool no objective uses is most likely a misspelt role
+            hint = difflib.get_close_matches(role, sorted(known), n=1)
+            _require(role in known, f"teachers.{role}", f"no registered objective scores with this role; known: "
+                     f"{sorted(known)}" + (f". Did you mean teachers.{hint[0]}?" if hint else ""))  # fmt: skip
         rollouts = self.learner.prompts_per_step * self.rollout.samples_per_prompt
         _require(
             rollouts >= self.learner.workers,
@@ -474,25 +522,25 @@ class Config:
             _require(bool(self.data.eval_files), "data.eval_files", "must list held-out files if eval.every_steps > 0")
         if self.loss.objective == "distill":
             _require(
-                bool(self.teachers.reference.checkpoint),
-                "teachers.reference.checkpoint",
+                bool(self.teachers["external"].checkpoint),
+                "teachers.external.checkpoint",
                 "loss.objective=distill needs an external teacher checkpoint here",
             )
         if self.loss.divergence == "sampled_rkl":
             _require(
-                self.teachers.payload == "sampled",
-                "teachers.payload",
-                "loss.divergence=sampled_rkl only needs log q(y_t): set teachers.payload=sampled",
+                self.scoring.payload == "sampled",
+                "scoring.payload",
+                "loss.divergence=sampled_rkl only needs log q(y_t): set scoring.payload=sampled",
             )
-        if self.teachers.payload == "sampled":
+        if self.scoring.payload == "sampled":
             _require(
                 self.loss.divergence == "sampled_rkl",
                 "loss.divergence",
-                "teachers.payload=sampled carries no distribution; it only supports loss.divergence=sampled_rkl",
+                "scoring.payload=sampled carries no distribution; it only supports loss.divergence=sampled_rkl",
             )
         if self.loss.clip_mode == "entry":
             _require(
-                self.teachers.payload != "sampled",
+                self.scoring.payload != "sampled",
                 "loss.clip_mode",
                 "entry-wise clipping needs teacher distributions; use clip_mode=token with sampled payloads",
             )
@@ -515,18 +563,24 @@ class Config:
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        node = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
     keys = []
-    for f in dataclasses.fields(node):
-        key = f"{prefix}{f.name}"
+    for name, value in node.items():
+        key = f"{prefix}{name}"
         keys.append(key)
-        value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) or isinstance(value, dict):
             keys.extend(_all_keys(value, key + "."))
     return keys
 
 
+MOVED = {"teachers.payload": "scoring.payload", "teachers.topk": "scoring.topk"}  # old key -> new key
+
+
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
+    if key in MOVED:
+        return ConfigError(f"config key '{key}' (from {source}) is now '{MOVED[key]}'")
     if isinstance(err, ConfigKeyError) or "not in" in str(err):
         known = _all_keys(Config())
         hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)

@@ -139,7 +139,7 @@ def token_losses(
     initial head for `hidden` payloads. Rows >= vocab_size (padded head rows) are dropped on both sides.
     """
     if spec.kind == "sampled" and teacher.token_logprobs is None:
-        raise ValueError("the sampled divergence needs teacher token log-probs (teachers.payload=sampled)")
+        raise ValueError("the sampled divergence needs teacher token log-probs (scoring.payload=sampled)")
     if teacher.payload == "hidden" and teacher_head is None:
         raise ValueError("hidden teacher payloads need the frozen initial output head (teacher_head)")
     if spec.kind != "sampled" and teacher.payload == "sampled":

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vigos_ray.config import Config, ConfigError, LossConfig
+from vigos_ray.config import Config, ConfigError, ContextConfig, LossConfig
 from vigos_ray.data import Sample
 from vigos_ray.losses import DivergenceKind, DivergenceSpec, pooled_mean, token_losses
-from vigos_ray.prompts import EncodedContext, encode, student_text, teacher_texts
+from vigos_ray.prompts import EncodedContext, context_text, encode
 from vigos_ray.scoring import concat_targets, hidden_at
 from vigos_ray.types import Rollout, ScoreRow, Spans, TeacherTargets
 
@@ -28,8 +28,8 @@ from vigos_ray.types import Rollout, ScoreRow, Spans, TeacherTargets
 @dataclass(frozen=True)
 class Segment:
     name: str  # in metrics and plots: perception | reasoning | reference (vigos); privileged (opsd); external
-    teacher: str  # the pool that scores it (a role of `teachers.*`): perception | reasoning | reference
-    context: str  # the context the teacher reads: perception | reasoning | reference | student (prompts.py)
+    teacher: str  # the teacher role whose pool scores it: a key of `teachers`
+    context: str  # the context that teacher reads: a key of `prompts`
     kind: DivergenceKind
     weight: float
     scores: str = "completion"  # the completion positions it supervises: a key of SCORED
@@ -69,13 +69,13 @@ def vigos(cfg: LossConfig) -> tuple[Segment, ...]:
 @objective("opsd")
 def opsd(cfg: LossConfig) -> tuple[Segment, ...]:
     """The privileged full-format teacher (the reference context: image, question and answer) on every token."""
-    return (Segment("privileged", "reference", "reference", "forward", 1.0),)
+    return (Segment("privileged", "privileged", "reference", "forward", 1.0),)
 
 
 @objective("distill")
 def distill(cfg: LossConfig) -> tuple[Segment, ...]:
-    """An external teacher (`teachers.reference.checkpoint`) reading the student's own context on every token."""
-    return (Segment("external", "reference", "student", "reverse", 1.0),)
+    """An external teacher (`teachers.external.checkpoint`) reading the student's own context on every token."""
+    return (Segment("external", "external", "student", "reverse", 1.0),)
 
 
 def segments(cfg: LossConfig) -> tuple[Segment, ...]:
@@ -100,15 +100,11 @@ def segment_positions(segment: Segment, spans: Spans) -> tuple[int, ...]:
     return SCORED[segment.scores](spans)
 
 
-def _continuation(segment: Segment, spans: Spans, cfg: LossConfig) -> tuple[int, int]:
-    """The completion slice [start, stop) that follows the teacher's context: no token beyond what is scored."""
-    if segment.context == "perception":
-        return 0, spans.description_end
-    if segment.context == "reasoning" and not cfg.rea_teacher_sees_description:
-        return spans.think_start, spans.answer_end
-    if segment.context == "reasoning":
-        return 0, spans.answer_end
-    return 0, spans.length
+def _continuation(context: ContextConfig, spans: Spans, positions: tuple[int, ...]) -> tuple[int, int]:
+    """The completion slice [start, stop) that follows a teacher's context: from where the context resumes to the
+    last position scored (a causal model's scores at those positions depend on nothing later)."""
+    start = spans.think_start if context.resumes == "think" else 0
+    return start, max(positions) + 1
 
 
 @dataclass
@@ -153,11 +149,7 @@ class ContextCache:
         """The encoded context `name` of `sample`, with its last `trim` characters (part of a tag) left out."""
         key = (sample.id, name, trim)
         if key not in self._cache:
-            if name == "student":
-                text = student_text(self.processor, sample.problem, self.cfg.prompts)
-            else:
-                sees = self.cfg.loss.rea_teacher_sees_description
-                text = teacher_texts(self.processor, sample.problem, sample.answer, self.cfg.prompts, sees)[name]
+            text = context_text(self.processor, self.cfg.context(name), sample.problem, sample.answer)
             self._cache[key] = encode(self.processor, text[: len(text) - trim], sample.image)
         return self._cache[key]
 
@@ -167,9 +159,9 @@ def teacher_row(contexts: ContextCache, segment: Segment, sample: Sample, comple
     positions = segment_positions(segment, spans)
     if not positions:
         return None
-    start, stop = _continuation(segment, spans, contexts.cfg.loss)
-    resumes_in_think = segment.context == "reasoning" and start == spans.think_start
-    context = contexts.get(sample, segment.context, trim=spans.think_overlap if resumes_in_think else 0)
+    ctx = contexts.cfg.context(segment.context)
+    start, stop = _continuation(ctx, spans, positions)
+    context = contexts.get(sample, segment.context, trim=spans.think_overlap if ctx.resumes == "think" else 0)
     return _row(context, completion, start, stop, positions)
 
 

@@ -78,14 +78,14 @@ class _Scorer:
         self.vocab, self.pad_id = len(processor.tokenizer), processor.tokenizer.pad_token_id or 0
 
     def logq(self, rows) -> list[torch.Tensor]:
-        budget = self.cfg.teachers.reasoning.token_budget
+        budget = self.cfg.teachers["reasoning"].token_budget
         targets = teacher_targets(self.model, rows, "sampled", self.vocab, budget, pad_id=self.pad_id)
         return [t.token_logprobs for t in targets]
 
     def terms(self, seg: Segment, sample: Sample, other: Sample, rollout: Rollout, sp, lp: torch.Tensor):
         """(s, c_A, c_I) for one rollout's tokens in one segment; `lp` is log p(y_t) at those tokens."""
         variants = [sample, dataclasses.replace(sample, id=f"{sample.id}#image-of-{other.id}", image=other.image)]
-        sees_answer = "{answer}" in getattr(self.cfg.prompts, seg.context, "")
+        sees_answer = "{answer}" in self.cfg.prompts[seg.context].template
         if sees_answer:
             wrong = wrong_answers(sample, self.pool, self.k_wrong)
             variants += [dataclasses.replace(sample, id=f"{sample.id}#wrong{k}", answer=a) for k, a in enumerate(wrong)]

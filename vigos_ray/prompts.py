@@ -6,12 +6,13 @@ and from then on handled as token ids; completions are never re-tokenized from d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
-from vigos_ray.config import PromptConfig
+from vigos_ray.config import ContextConfig
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,13 @@ def render(processor, user_text: str, prefill: str, with_image: bool = True) -> 
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
 
 
-def student_text(processor, problem: str, prompts: PromptConfig) -> str:
-    return render(processor, prompts.student.format(problem=problem), prompts.student_prefill)
+def context_text(processor, ctx: ContextConfig, problem: str, answer: str = "") -> str:
+    """One context rendered: the template filled for a sample, ending where the completion tokens take over."""
+    return render(processor, ctx.template.format(problem=problem, answer=answer), ctx.prefill)
+
+
+def student_text(processor, problem: str, prompts: Mapping[str, ContextConfig]) -> str:
+    return context_text(processor, prompts["student"], problem)
 
 
 def encode(processor, text: str, image: Image.Image | None) -> EncodedContext:
@@ -45,21 +51,3 @@ def encode(processor, text: str, image: Image.Image | None) -> EncodedContext:
         pixel_values=batch.get("pixel_values"),
         image_grid_thw=batch.get("image_grid_thw"),
     )
-
-
-def teacher_texts(
-    processor, problem: str, answer: str, prompts: PromptConfig, sees_description: bool
-) -> dict[str, str]:
-    """Rendered contexts of the three teachers (SPEC §5), keyed by teacher role, each ending where the
-    completion tokens take over. The reasoning context is prefilled with `<think>`, or, when the reasoning teacher
-    sees the description (paper Eq. 15), with the student's prefill so the whole completion follows."""
-    fill = {"problem": problem, "answer": answer}
-    return {
-        "perception": render(processor, prompts.perception.format(**fill), prefill=""),
-        "reasoning": render(
-            processor,
-            prompts.reasoning.format(**fill),
-            prompts.student_prefill if sees_description else prompts.reasoning_prefill,
-        ),
-        "reference": render(processor, prompts.reference.format(**fill), prompts.student_prefill),
-    }

@@ -103,10 +103,9 @@ def teacher_targets(
 
 def pool_targets(model, rows: Sequence[ScoreRow], cfg: Config, role: str, vocab_size: int, pad_id: int):
     """`teacher_targets` with the payload, budget and temperature that `cfg` sets for the pool of `role`."""
-    t = cfg.teachers
-    budget = t.pools()[role].token_budget
+    budget, s = cfg.teachers[role].token_budget, cfg.scoring
     return teacher_targets(
-        model, rows, t.payload, vocab_size, budget, t.topk, cfg.loss.temperature, pad_id, cfg.loss.chunk_tokens
+        model, rows, s.payload, vocab_size, budget, s.topk, cfg.loss.temperature, pad_id, cfg.loss.chunk_tokens
     )
 
 

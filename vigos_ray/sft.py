@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vigos_ray.config import Config, ConfigError, to_container
+from vigos_ray.config import Config, ConfigError, ContextConfig, to_container
 from vigos_ray.console import progress
 from vigos_ray.data import PromptStream, Sample, read_records
 from vigos_ray.easyvqa import write_easyvqa_jsonl
 from vigos_ray.models import load_model, load_processor, resolve_model_path, write_model_folder
-from vigos_ray.prompts import encode, student_text, teacher_texts
+from vigos_ray.prompts import context_text, encode
 from vigos_ray.schedule import lr_lambda
 from vigos_ray.scoring import hidden_at, output_head
 from vigos_ray.types import ScoreRow
@@ -80,6 +80,17 @@ def completion_ids(tokenizer, text: str, end_turn: bool = True) -> list[int]:
     return ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")] if end_turn else ids
 
 
+def warm_start_target(name: str, ctx: ContextConfig, sample: Sample, colour: str, shape: str) -> tuple[str, bool]:
+    """What the model should write after context `name`, and whether that ends its turn: the part of the
+    completion the context's teacher is asked for (the perception teacher: the description; a context resuming at
+    `<think>`: the reasoning and answer; any other: the whole completion)."""
+    if name == "perception":
+        return description_text(colour, shape), False
+    if ctx.resumes == "think":
+        return reasoning_text(sample, colour, shape), True
+    return target_text(sample, colour, shape), True
+
+
 CONTEXTS = ("student", "perception", "reasoning", "reference")
 
 
@@ -87,27 +98,17 @@ def sft_rows(
     processor, cfg: Config, samples: list[Sample], labels: dict[str, tuple[str, str]], contexts=CONTEXTS
 ) -> list[ScoreRow]:
     """Teacher-forced rows (`labels`: sample id -> colour, shape), every target token scored: per sample and
-    context, the context followed by what the model should write there. The student context gets the whole
-    target; the teachers' contexts (SPEC §5) get the part of it each teacher is asked for, so that the frozen
+    context, the context followed by what the model should write there (`warm_start_target`), so that the frozen
     copies of the warm start act on their own prompts the way an instruction-tuned model would (trained on the
     student context alone, the tiny model's teachers scored text in contexts it had never seen: perception KL 2.5
     per token, and the distilled students' reasoning degenerated into repeated phrases)."""
     rows = []
     for s in samples:
         colour, shape = labels[s.id]
-        teachers = teacher_texts(processor, s.problem, s.answer, cfg.prompts, cfg.loss.rea_teacher_sees_description)
-        whole = target_text(s, colour, shape)
-        # context -> (its text, the target after it, whether the target ends the turn)
-        pairs = {
-            "student": (student_text(processor, s.problem, cfg.prompts), whole, True),
-            "perception": (teachers["perception"], description_text(colour, shape), False),
-            "reasoning": (teachers["reasoning"], whole if cfg.loss.rea_teacher_sees_description
-                          else reasoning_text(s, colour, shape), True),
-            "reference": (teachers["reference"], whole, True),
-        }  # fmt: skip
         for name in contexts:
-            context_text, target, end_turn = pairs[name]
-            ctx = encode(processor, context_text, s.image)
+            ctx_cfg = cfg.context(name)
+            target, end_turn = warm_start_target(name, ctx_cfg, s, colour, shape)
+            ctx = encode(processor, context_text(processor, ctx_cfg, s.problem, s.answer), s.image)
             ids = completion_ids(processor.tokenizer, target, end_turn)
             start = len(ctx.input_ids)
             rows.append(ScoreRow(ctx.input_ids + ids, ctx.pixel_values, ctx.image_grid_thw,
@@ -147,7 +148,7 @@ def train_sft(cfg: Config, model_path: Path, out: Path, on_step: Callable[[int, 
     vocab = len(processor.tokenizer)
     for step in range(steps):
         rows = sft_rows(processor, cfg, stream.next_batch(batch), labels)
-        loss = completion_loss(model, rows, vocab, cfg.teachers.reasoning.token_budget)
+        loss = completion_loss(model, rows, vocab, cfg.teachers["reasoning"].token_budget)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -161,8 +162,9 @@ def train_sft(cfg: Config, model_path: Path, out: Path, on_step: Callable[[int, 
 
 def settings(cfg: Config, base_model: Path) -> dict:
     """Everything a warm start's weights depend on: a folder trained with other settings is not reused."""
-    return {"base_model": str(base_model), "seed": cfg.run.seed, **to_container(cfg.warm_start),
-            "prompts": to_container(cfg.prompts), "rea_teacher_sees_description": cfg.loss.rea_teacher_sees_description,
+    prompts = {name: to_container(ctx) for name, ctx in cfg.prompts.items()}
+    return {"base_model": str(base_model), "seed": cfg.run.seed, **to_container(cfg.warm_start), "prompts": prompts,
+            "rea_teacher_sees_description": cfg.loss.rea_teacher_sees_description,
             "pixels": [cfg.model.min_pixels, cfg.model.max_pixels]}  # fmt: skip
 
 

@@ -67,6 +67,14 @@ class PushReport:
 
 
 @dataclass(frozen=True)
+class Sent:
+    """What learner rank 0 returns from a push (the other ranks only gather, and return None)."""
+
+    report: PushReport
+    handles: list  # what the receivers fetch the push from (object_store); empty for a streaming transport
+
+
+@dataclass(frozen=True)
 class PushReceipt:
     """What one rollout worker confirms after loading a push."""
 

@@ -115,12 +115,12 @@ class LearnerWorker:
         changes it (LoRA without the head): read in place, nothing held. Otherwise a `FrozenHead` in
         `model.dtype` (the precision the teachers apply it in), sharded by rows across the ranks and gathered only
         during a train step: read from the checkpoint, or with `copy_loaded` from the student loaded in full."""
-        if self.cfg.teachers.payload != "hidden":
+        if self.cfg.scoring.payload != "hidden":
             return {}
         by_path: dict[str, Any] = {}  # segments scored by one checkpoint share its head
         heads = {}
         for seg in segments(self.cfg.loss):
-            checkpoint = self.cfg.teachers.pools()[seg.teacher].checkpoint or ""
+            checkpoint = self.cfg.teachers[seg.teacher].checkpoint or ""
             if checkpoint not in by_path:
                 by_path[checkpoint] = self._frozen_head(checkpoint, f"teachers.{seg.teacher}.checkpoint", copy_loaded)
             heads[seg.name] = by_path[checkpoint]
@@ -318,11 +318,11 @@ class LearnerWorker:
                     p.copy_(now)
 
     def push_weights(self, specs: list[weight_sync.TensorSpec], bucket_bytes: int, full: bool = True,
-                     version: int | None = None):  # fmt: skip
+                     version: int | None = None) -> weight_sync.Sent | None:  # fmt: skip
         """Every rank gathers the tensors in `specs`; rank 0 sends them through the push group. `full`: `specs` is
         every tensor (the receivers start a new lineage), else a delta on top of the last full push. `version`: a
-        kept version's weights instead of the current ones. Returns rank 0's PushReport and the transport's
-        handles for the receivers (object_store), else None."""
+        kept version's weights instead of the current ones. Rank 0 returns what it sent (`weight_sync.Sent`), the
+        other ranks None."""
         version = self.version if version is None else version
         with self._weights_of(version):
             return self._push(specs, bucket_bytes, full, version)
@@ -345,7 +345,7 @@ class LearnerWorker:
         report = weight_sync.PushReport(version, nbytes, time.perf_counter() - t0, digests.hexdigest(),
                                         self.transport.endpoint.transport, weight_sync.state_digest(self.sent),
                                         full)  # fmt: skip
-        return report, self.transport.handles()
+        return weight_sync.Sent(report, self.transport.handles())
 
     def export(self, path: str) -> str | None:
         """Write a Hugging Face folder (config, tokenizer, safetensors; LoRA merged) that transformers and vLLM

@@ -68,7 +68,7 @@ class Pipeline:
         self.push_weights()  # version 0: the initial weights, sent like every later version
 
     def _check_teacher_heads(self) -> None:
-        if self.cfg.teachers.payload != "hidden":
+        if self.cfg.scoring.payload != "hidden":
             return
         learner_heads = self.learner.call_all(head_checksums)[0]
         for seg in segments(self.cfg.loss):
@@ -76,7 +76,7 @@ class Pipeline:
             if pool_heads != {learner_heads[seg.name]}:
                 raise ValueError(
                     f"teachers.{seg.teacher}: its output head differs from the head the learner applies to its "
-                    "hidden payloads; use teachers.payload=topk for a teacher with another head"
+                    "hidden payloads; use scoring.payload=topk for a teacher with another head"
                 )
 
     # ---- stages ------------------------------------------------------------------------------------------------

@@ -139,11 +139,12 @@ class WeightPusher:
         sent = self.learner.call_all_async("push_weights", specs, bucket, full, version)
         if self.streams:  # the receivers take the buckets as they are sent
             got = self.rollout.call_all_async("receive_weights", version, specs, bucket, full=full)
-            report, _ = sent.result()[0]
+            report = sent.result()[0].report
             receipts = got.result()
         else:  # the receivers fetch what the sender left (object_store)
-            report, handles = sent.result()[0]
-            got = self.rollout.call_all_async("receive_weights", version, specs, bucket, handles=handles, full=full)
+            out = sent.result()[0]
+            report = out.report
+            got = self.rollout.call_all_async("receive_weights", version, specs, bucket, handles=out.handles, full=full)
             if not wait:
                 self._unconfirmed, self._full_next = (got, report), False
                 return dataclasses.replace(report, seconds=time.perf_counter() - t0), []

@@ -19,7 +19,7 @@ from vigos_ray.types import ScoreRow, TeacherTargets
 class TeacherWorker:
     def __init__(self, cfg: Config, model_path: str | Path, role: str, worker_index: int = 0):
         self.cfg, self.role, self.worker_index = cfg, role, worker_index
-        self.pool = cfg.teachers.pools()[role]
+        self.pool = cfg.teachers[role]
         self.threads = use_cpu_threads(cfg, "teachers", self.pool.num_gpus > 0)
         checkpoint, key = self.pool.checkpoint, f"teachers.{role}.checkpoint"
         path = model_folder(checkpoint, key) if checkpoint else on_this_node(model_path, cfg)  # hub ids: this node's
@@ -29,7 +29,7 @@ class TeacherWorker:
         self.vocab_size, self.pad_id = len(tokenizer), tokenizer.pad_token_id or 0
 
     def score(self, rows: list[ScoreRow]) -> list[TeacherTargets]:
-        """Targets for each row's scored tokens, in row order, in `teachers.payload` (CPU tensors: they cross Ray)."""
+        """Targets for each row's scored tokens, in row order, in `scoring.payload` (CPU tensors: they cross Ray)."""
         targets = pool_targets(self.model, rows, self.cfg, self.role, self.vocab_size, self.pad_id)
         return [t.to("cpu") for t in targets]
 

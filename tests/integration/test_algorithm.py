@@ -13,7 +13,7 @@ from vigos_ray.easyvqa import answer_vocabulary, write_easyvqa_jsonl
 from vigos_ray.models import load_model, load_processor
 from vigos_ray.objective import plan_batch, student_loss
 from vigos_ray.palr import palr
-from vigos_ray.prompts import encode, student_text, teacher_texts
+from vigos_ray.prompts import context_text, encode, student_text
 from vigos_ray.sampling import make_rollout
 from vigos_ray.scoring import output_head, teacher_targets
 from vigos_ray.spans import TokenTable, parse_completion
@@ -108,7 +108,7 @@ def test_opsd_and_distill_supervise_every_token_of_every_rollout(samples, proces
     assert [s.name for s in plan.segments] == ["privileged"]
     assert plan.row_rollout["privileged"] == [0, 1, 2, 3]
     assert [len(r.scored) for r in plan.teacher_rows["privileged"]] == [len(r.completion_ids) for r in rollouts]
-    cfg = config("loss.objective=distill", "teachers.reference.checkpoint=/some/teacher")
+    cfg = config("loss.objective=distill", "teachers.external.checkpoint=/some/teacher")
     rollouts, spans, plan = planned(samples, processor, cfg)
     assert plan.teacher_rows["external"][0].input_ids == plan.student_rows[0].input_ids
 
@@ -149,7 +149,7 @@ def test_batched_teacher_targets_line_up_with_single_sequence_forwards(samples, 
 def _loss_and_grads(student, teacher, samples, processor, cfg, rollouts):
     _, _, plan = planned(samples, processor, cfg, rollouts)
     vocab = len(processor.tokenizer)
-    targets = score_plan({"perception": teacher, "reasoning": teacher, "reference": teacher}, plan, cfg, vocab, 0)
+    targets = score_plan(dict.fromkeys(cfg.teacher_pools(), teacher), plan, cfg, vocab, 0)
     heads = {s.name: output_head(teacher) for s in plan.segments}
     student.zero_grad()
     loss, stats = student_loss(student, plan, targets, cfg, vocab, heads)
@@ -193,15 +193,57 @@ def test_an_objective_defined_here_needs_no_change_to_the_library(samples, proce
         config("loss.objective=perception_only")
 
 
+def test_a_fourth_teacher_role_is_a_registered_objective_and_config(samples, processor, teacher, student, tmp_path):
+    """A new teacher role (here `critic`: a second answer-aware teacher on the reasoning, with its own wording) is
+    an objective naming it (in this test) plus its pool and its context in the run's YAML: no library file changes.
+    The run starts its pool, its rows are built from its own template, and given the reasoning teacher's template
+    its term equals the reasoning term exactly."""
+    import yaml
+
+    from vigos_ray.objective import OBJECTIVES, Segment, objective, vigos
+
+    @objective("vigos_critic")
+    def vigos_critic(loss):
+        return (*vigos(loss), Segment("critic", "critic", "critic", "forward", 0.5, scores="reasoning"))
+
+    def run_config(template: str):
+        critic = {"template": template, "prefill": "<think>", "resumes": "think"}
+        (tmp_path / "critic.yaml").write_text(yaml.safe_dump({"loss": {"objective": "vigos_critic"},
+            "teachers": {"critic": {"max_workers": 2}}, "prompts": {"critic": critic}}))  # fmt: skip
+        return load_config(tmp_path / "critic.yaml", ["model.max_pixels=12544", "loss.chunk_tokens=16"])
+
+    try:
+        same = run_config(config().prompts["reasoning"].template)
+        assert list(same.teacher_pools()) == ["perception", "reasoning", "reference", "critic"]
+        assert same.teacher_pools()["critic"].max_workers == 2
+        rollouts = rollouts_for(samples, processor, same)
+        _, _, plan = planned(samples, processor, same, rollouts)
+        assert plan.row_rollout["critic"] == plan.row_rollout["reasoning"] == [0, 2]
+        loss, _, stats = _loss_and_grads(student, teacher, samples, processor, same, rollouts)
+        vigos_loss, _, _ = _loss_and_grads(student, teacher, samples, processor, config(), rollouts)
+        assert stats["critic"].loss == stats["reasoning"].loss > 0
+        torch.testing.assert_close(loss, vigos_loss + 0.5 * stats["reasoning"].loss, atol=1e-10, rtol=0)
+
+        own = run_config("Check this answer, {answer}, against the image. {problem}")
+        _, _, plan = planned(samples, processor, own, rollouts)
+        text = processor.tokenizer.decode(plan.teacher_rows["critic"][0].input_ids)
+        assert f"Check this answer, {samples[0].answer}, against the image." in text
+        assert plan.teacher_rows["critic"][0].input_ids != plan.teacher_rows["reasoning"][0].input_ids
+    finally:
+        del OBJECTIVES["vigos_critic"]
+    with pytest.raises(ConfigError, match="'teachers.critic': no registered objective scores with this role"):
+        config("teachers.critic.max_workers=2")  # once no objective names the role, its pool is a mistake
+
+
 def test_hidden_and_full_support_topk_payloads_give_the_same_loss(samples, processor, teacher, student):
     rollouts = rollouts_for(samples, processor, config())
     vocab = len(processor.tokenizer)
     hidden, _, _ = _loss_and_grads(student, teacher, samples, processor, config(), rollouts)
     topk, _, _ = _loss_and_grads(
-        student, teacher, samples, processor, config("teachers.payload=topk", f"teachers.topk={vocab}"), rollouts
+        student, teacher, samples, processor, config("scoring.payload=topk", f"scoring.topk={vocab}"), rollouts
     )
     torch.testing.assert_close(hidden, topk, atol=1e-10, rtol=0)
-    top8, _, _ = _loss_and_grads(student, teacher, samples, processor, config("teachers.payload=topk"), rollouts)
+    top8, _, _ = _loss_and_grads(student, teacher, samples, processor, config("scoring.payload=topk"), rollouts)
     assert not torch.allclose(hidden, top8)
 
 
@@ -213,7 +255,10 @@ def independent_vigos_loss(student, teacher, processor, samples, rollouts, cfg) 
     counts = dict.fromkeys(sums, 0)
     for sample, r in zip(samples, rollouts, strict=True):
         sp = parse_completion(r.completion_ids, tok)
-        texts = teacher_texts(processor, sample.problem, sample.answer, cfg.prompts, False)
+        texts = {
+            name: context_text(processor, cfg.prompts[name], sample.problem, sample.answer)
+            for name in ("perception", "reasoning", "reference")
+        }
         comp = list(r.completion_ids)
 
         def logprobs(model, text, tokens, first, n, image=sample.image):

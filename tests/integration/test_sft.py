@@ -60,7 +60,7 @@ def test_the_default_warm_start_lowers_the_loss_and_prefers_the_format_on_held_o
 def test_each_context_is_taught_what_its_teacher_is_asked_to_score(tiny_fast, cache_dir):
     from vigos_ray.data import PromptStream, read_records
     from vigos_ray.easyvqa import write_easyvqa_jsonl
-    from vigos_ray.prompts import student_text, teacher_texts
+    from vigos_ray.prompts import context_text
 
     cfg = load_config(overrides=[f"run.cache_dir={cache_dir}"])
     processor = load_processor(tiny_fast, cfg.model.min_pixels, cfg.model.max_pixels)
@@ -69,8 +69,7 @@ def test_each_context_is_taught_what_its_teacher_is_asked_to_score(tiny_fast, ca
     sample = PromptStream(records, seed=0).next_batch(1)[0]
     labels = {sample.id: ("red", "circle")}
     rows = dict(zip(CONTEXTS, sft_rows(processor, cfg, [sample], labels), strict=True))
-    contexts = teacher_texts(processor, sample.problem, sample.answer, cfg.prompts, False)
-    contexts["student"] = student_text(processor, sample.problem, cfg.prompts)
+    contexts = {name: context_text(processor, cfg.prompts[name], sample.problem, sample.answer) for name in CONTEXTS}
 
     def split(row):  # (context text, target text) of a row: every token after the context is scored
         start = row.scored[0]

@@ -44,7 +44,7 @@ PAYLOADS = ["hidden", "topk", "sampled"]
 
 def payload_config(payload: str):
     extra = ["loss.divergence=sampled_rkl"] if payload == "sampled" else []
-    return load_config(overrides=["model.max_pixels=12544", f"teachers.payload={payload}", *extra])
+    return load_config(overrides=["model.max_pixels=12544", f"scoring.payload={payload}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_teacher_actor_scores_like_the_library_function(pools, tiny_fast, plan_r
     checksum = pool.call_all("head_checksum")[0]
     model = load_model(tiny_fast)
     vocab = len(load_processor(tiny_fast, 3136, 12544).tokenizer)
-    local = teacher_targets(model, plan_rows, payload, vocab, cfg.teachers.reference.token_budget, cfg.teachers.topk,
+    local = teacher_targets(model, plan_rows, payload, vocab, cfg.teachers["reference"].token_budget, cfg.scoring.topk,
                             pad_id=0)  # fmt: skip
     for a, b in zip(remote, local, strict=True):
         assert a.payload == b.payload == payload and len(a) == len(b) > 0

@@ -30,7 +30,7 @@ def test_cli_overrides_win_over_yaml(tmp_path):
     yaml.write_text("rollout:\n  temperature: 0.7\n  top_k: 5\n")
     cfg = load_config(yaml, ["rollout.temperature=1.3", "teachers.reasoning.max_workers=4"])
     assert cfg.rollout.temperature == 1.3 and cfg.rollout.top_k == 5
-    assert cfg.teachers.reasoning.max_workers == 4 and cfg.teachers.perception.max_workers == 1
+    assert cfg.teachers["reasoning"].max_workers == 4 and cfg.teachers["perception"].max_workers == 1
 
 
 def test_saved_config_reloads_identically(tmp_path):
@@ -57,9 +57,13 @@ def test_saved_config_reloads_identically(tmp_path):
             "'teachers.perception.max_workers': must be >= teachers.perception.min_workers=3",
         ),
         (["loss.perception_weight=0", "loss.reasoning_weight=0", "loss.reference_weight=0"], "all zero"),
-        (["loss.divergence=sampled_rkl"], "'teachers.payload'.*set teachers.payload=sampled"),
-        (["teachers.payload=sampled"], "'loss.divergence'.*only supports loss.divergence=sampled_rkl"),
-        (["loss.objective=distill"], "'teachers.reference.checkpoint'.*external teacher"),
+        (["loss.divergence=sampled_rkl"], "'scoring.payload'.*set scoring.payload=sampled"),
+        (["scoring.payload=sampled"], "'loss.divergence'.*only supports loss.divergence=sampled_rkl"),
+        (["teachers.payload=topk"], "'teachers.payload'.*is now 'scoring.payload'"),
+        (["loss.objective=distill"], "'teachers.external.checkpoint'.*external teacher"),
+        (["teachers.percepton.max_workers=2"], "'teachers.percepton': no registered objective.*teachers.perception\\?"),
+        (["prompts.reasoning.template=Given {problem} and {answr}"], "\\{answr\\} is not a placeholder"),
+        (["prompts.reasoning.prefill=Reasoning"], "'prompts.reasoning.prefill': must end with <think>"),
         (["data.source=files"], "'data.train_files': must list at least one file"),
         (
             ["rollout.num_gpus=1", "rollout.tensor_parallel_size=2"],
@@ -72,7 +76,7 @@ def test_saved_config_reloads_identically(tmp_path):
             "'weight_sync.transport': object_store reaches Ray workers only",
         ),
         (["learner.workers=2", "learner.num_gpus=0.5"], "'learner.num_gpus': must be a whole number with learner"),
-        (["prompts.student=Answer {answer} {problem}"], "'prompts.student': must not show the \\{answer\\}"),
+        (["prompts.student.template=Answer {answer} {problem}"], "'prompts.student.template': must not show the"),
         (["rollout.top_p=[0.9"], "override 'rollout.top_p=\\[0.9' is not valid YAML"),
         (["run.steps"], "not of the form key=value"),
     ],
@@ -135,9 +139,9 @@ def test_the_gpu_check_layout_fits_one_gpu():
 def test_a_run_starts_the_teacher_pools_its_objective_scores_with_and_asks_resources_for_those_only(objective):
     from vigos_ray.objective import segments
 
-    extra = ["teachers.reference.checkpoint=/models/t"] if objective == "distill" else []
-    cfg = load_config(overrides=[f"loss.objective={objective}", "teachers.perception.num_gpus=1",
-                                 "teachers.reasoning.num_gpus=1", "teachers.reference.num_gpus=1", *extra])  # fmt: skip
+    extra = ["teachers.external.checkpoint=/models/t"] if objective == "distill" else []
+    gpu = [f"teachers.{role}.num_gpus=1" for role in ("perception", "reasoning", "reference", "privileged", "external")]
+    cfg = load_config(overrides=[f"loss.objective={objective}", *gpu, *extra])
     assert set(cfg.teacher_pools()) == {seg.teacher for seg in segments(cfg.loss)}
     gpus = len(cfg.teacher_pools())
     with pytest.raises(ResourceError, match=rf"asks for {gpus} GPUs"):
