@@ -50,6 +50,14 @@ def run_child(script: str, args: list[str], out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def wide_model(cache: Path) -> Path:
+    """The benchmarks' realistic model: Qwen2.5-VL architecture with the real 151,665-token vocabulary (151,808
+    untied head rows), width 256, 4 text layers, fp32 (330 MB), random weights; built once into `cache`."""
+    from vigos_ray.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(cache, "qwen_vocab", seed=0, hidden=256, layers=4, name="tiny-wide")
+
+
 def synthetic_rollouts(samples, processor, cfg, valid_fraction: float = 0.5, words: int = 30, seed: int = 0):
     """Rollouts of the shapes training meets: `valid_fraction` in format (a description and reasoning of about
     `words` words each, a boxed answer), the rest broken (random allowed tokens, as long as a valid one)."""

@@ -19,18 +19,9 @@ import os
 from pathlib import Path
 from statistics import fmean
 
-from common import REPO, table
+from common import REPO, table, wide_model
 
 STAGES = ["rollout_wait", "teachers", "learner", "push"]
-
-
-def wide_model(cache: Path) -> Path:
-    from vigos_ray.tiny import build_tiny_model
-
-    path = cache / "tiny-wide-s0"
-    if not (path / "vigos_tiny.json").exists():
-        build_tiny_model(path, "qwen_vocab", seed=0, hidden=256, layers=4)
-    return path
 
 
 def measure(path: Path, cache: Path, learners: int, threads: int, mode: str, args) -> dict[bool, list[dict]]:

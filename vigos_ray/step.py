@@ -7,6 +7,7 @@ initial weights.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -49,24 +50,44 @@ def vigos_step(
     cfg: Config,
     seed: int = 0,
     rollouts: Sequence[Rollout] | None = None,
+    times: dict[str, float] | None = None,
 ) -> StepResult:
-    """Run one step on `student` and leave the gradient in its parameters (the caller steps the optimizer)."""
+    """Run one step on `student` and leave the gradient in its parameters (the caller steps the optimizer).
+    `times`, if given, receives the seconds of each stage: sampling, plan, teachers, student (loss and backward)."""
     tokenizer = processor.tokenizer
+    clock = _Clock(times)
     if rollouts is None:
         banned = banned_rows(student, sampling_token_ids(tokenizer))
         was_training = student.training
         student.eval()
         rollouts = hf_rollouts(student, processor, list(samples), cfg, seed, banned)
         student.train(was_training)
+    clock("sampling")
     table = TokenTable.for_tokenizer(tokenizer)
     spans = [parse_completion(r.completion_ids, table, cfg.loss.span_convention) for r in rollouts]
     plan = plan_batch(processor, {s.id: s for s in samples}, rollouts, spans, cfg)
+    clock("plan")
     pad_id = tokenizer.pad_token_id or 0
     targets = score_plan(teachers, plan, cfg, len(tokenizer), pad_id)
+    clock("teachers")
     heads = {seg.name: output_head(teachers[seg.teacher]).detach() for seg in plan.segments}
     loss, stats = student_loss(student, plan, targets, cfg, len(tokenizer), heads, pad_id=pad_id)
     loss.backward()
+    clock("student")
     return StepResult(float(loss.detach()), stats, list(rollouts), spans, plan, targets)
+
+
+class _Clock:
+    """Records the seconds since the previous mark under each stage's name (nothing when `times` is None)."""
+
+    def __init__(self, times: dict[str, float] | None):
+        self.times, self.last = times, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.times is not None:
+            self.times[stage] = now - self.last
+        self.last = now
 
 
 def frozen_copy(model):
