@@ -100,6 +100,7 @@ def ours(path: Path, cache: Path, prompts: int, tokens: int, steps: int, learner
         pipe.shutdown()
     out = {k: median(r[f"time/{k}"] for r in records[1:]) for k in STAGES}
     out["step"] = median(r["time/step"] for r in records[1:])
+    out["learner_rank"] = median(r["time/learner/rank"] for r in records[1:])
     out["peak_mb"] = peaks
     return out
 

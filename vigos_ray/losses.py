@@ -122,6 +122,76 @@ def _chunk_losses(
     return divergence, divergence.detach()
 
 
+class _FusedHeadKL(torch.autograd.Function):
+    """Forward or reverse KL against a `hidden` payload with the output head applied chunk by chunk, and the
+    gradient with respect to the student's hidden states computed in the same pass from its closed form
+    (forward KL: p - q; reverse KL: p * (log p - log q - KL); divided by the temperature; zero for a token
+    clipped by `clip`). Backward then only scales that [N, d] gradient by each token's upstream gradient: no
+    chunk is recomputed, where the autograd path recomputes both heads' products and softmaxes under activation
+    checkpointing. Only a trainable student head needs a second pass (its gradient depends on every token's
+    upstream gradient, known only in backward); a frozen head (LoRA) never does."""
+
+    @staticmethod
+    def forward(ctx, h, head, t_hidden, t_head, kind: str, temperature: float, clip: float | None, vocab: int,
+                chunk: int):  # fmt: skip
+        grad_h = torch.empty(h.shape, dtype=upcast(h.new_zeros(())).dtype, device=h.device)
+        losses, divergences = [], []
+        for lo in range(0, h.shape[0], chunk):
+            loss, div, delta = _fused_chunk(h[lo : lo + chunk], head, t_hidden[lo : lo + chunk], t_head, kind,
+                                            temperature, clip, vocab)  # fmt: skip
+            grad_h[lo : lo + chunk] = delta @ upcast(head[:vocab])
+            losses.append(loss)
+            divergences.append(div)
+        ctx.save_for_backward(h, head, t_hidden, t_head, grad_h)
+        ctx.settings = (kind, temperature, clip, vocab, chunk)
+        divergence = torch.cat(divergences)
+        ctx.mark_non_differentiable(divergence)
+        return torch.cat(losses), divergence
+
+    @staticmethod
+    def backward(ctx, g_loss, g_div):
+        h, head, t_hidden, t_head, grad_h = ctx.saved_tensors
+        kind, temperature, clip, vocab, chunk = ctx.settings
+        g = upcast(g_loss)[:, None]
+        grad_head = None
+        if ctx.needs_input_grad[1]:
+            grad_head = torch.zeros(head.shape, dtype=grad_h.dtype, device=head.device)
+            for lo in range(0, h.shape[0], chunk):
+                _, _, delta = _fused_chunk(h[lo : lo + chunk], head, t_hidden[lo : lo + chunk], t_head, kind,
+                                           temperature, clip, vocab)  # fmt: skip
+                grad_head[:vocab] += (delta * g[lo : lo + chunk]).T @ upcast(h[lo : lo + chunk])
+            grad_head = grad_head.to(head.dtype)
+        return (g * grad_h).to(h.dtype), grad_head, None, None, None, None, None, None, None
+
+
+@torch.no_grad()
+def _fused_chunk(h, head, t_hidden, t_head, kind: str, temperature: float, clip: float | None, vocab: int):
+    """(clipped loss, divergence, d loss / d student logits) of one chunk of tokens; see `_FusedHeadKL`."""
+    s_lp = upcast(h @ head[:vocab].T)
+    t_lp = upcast(t_hidden.to(t_head.dtype) @ t_head[:vocab].T)
+    if temperature != 1.0:
+        s_lp.div_(temperature)
+        t_lp.div_(temperature)
+    s_lp = F.log_softmax(s_lp, dim=-1)
+    t_lp = F.log_softmax(t_lp, dim=-1)
+    p = s_lp.exp()
+    if kind == "forward":  # KL(q||p) = sum q (log q - log p); gradient p - q
+        q = t_lp.exp()
+        div = (q * (t_lp - s_lp)).sum(-1)
+        delta = p.sub_(q)
+    else:  # KL(p||q) = sum p (log p - log q); gradient p * (log p - log q - KL)
+        ratio = s_lp.sub_(t_lp)
+        div = (p * ratio).sum(-1)
+        delta = p.mul_(ratio.sub_(div[:, None]))
+    if temperature != 1.0:
+        delta.div_(temperature)
+    loss = div
+    if clip is not None:
+        loss = div.clamp(max=clip)
+        delta.mul_((div <= clip).to(delta.dtype)[:, None])  # clamp's gradient: none above the cap
+    return loss, div, delta
+
+
 def token_losses(
     student_hidden: torch.Tensor,
     student_head: torch.Tensor,
@@ -131,12 +201,15 @@ def token_losses(
     vocab_size: int,
     teacher_head: torch.Tensor | None = None,
     chunk_tokens: int = 1024,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss (differentiable, clipped as `spec` says) and per-token divergence (detached, unclipped).
 
     student_hidden [N, d] final normalized hidden states predicting `target_ids` [N]; student_head [V', d] the
     student's output head; `teacher` holds the same N tokens in its payload; `teacher_head` [V', d] is the frozen
     initial head for `hidden` payloads. Rows >= vocab_size (padded head rows) are dropped on both sides.
+    Forward and reverse KL on `hidden` payloads (no entry-wise clipping) take the fused path (`_FusedHeadKL`)
+    unless `fused=False`; every other case goes through autograd with each chunk recomputed in backward.
     """
     if spec.kind == "sampled" and teacher.token_logprobs is None:
         raise ValueError("the sampled divergence needs teacher token log-probs (scoring.payload=sampled)")
@@ -144,6 +217,11 @@ def token_losses(
         raise ValueError("hidden teacher payloads need the frozen initial output head (teacher_head)")
     if spec.kind != "sampled" and teacher.payload == "sampled":
         raise ValueError(f"a {spec.kind} divergence needs teacher distributions; a sampled payload has none")
+    fusable = teacher.payload == "hidden" and spec.kind in ("forward", "reverse") and spec.clip_mode != "entry"
+    if fused and fusable and student_hidden.shape[0] > 0:
+        clip = spec.clip if spec.clip_mode == "token" else None
+        return _FusedHeadKL.apply(student_hidden, student_head, teacher.hidden, teacher_head, spec.kind,
+                                  spec.temperature, clip, vocab_size, chunk_tokens)  # fmt: skip
     fields = (teacher.hidden, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprob, teacher.token_logprobs)
     losses, divergences = [], []
     for lo in range(0, student_hidden.shape[0], chunk_tokens):

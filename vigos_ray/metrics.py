@@ -223,6 +223,7 @@ def step_record(step, samples, rollouts, spans, plan, ranks, push, stages, teach
         "push/gbps": push.gbps,
         "push/full": int(push.full),  # 0: a delta push (only the parts training changes)
         "tok_per_s/learner": learner_tokens / max(stages["learner"], 1e-9),
+        "time/learner/rank": max(r.seconds for r in ranks),  # the slowest rank's own train_step, in the stage
     }
     for name, s in merge_segments(ranks).items():
         record.update({f"loss/{name}": s["loss"], f"kl/{name}": s["kl"], f"clipped/{name}": s["clipped"],

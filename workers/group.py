@@ -89,7 +89,7 @@ def logged(cls: type, log_dir: Path | None, prefix: str) -> type:
     return type(cls.__name__, (cls,), {"__init__": __init__, "__qualname__": cls.__qualname__})
 
 
-def _remote(actor, method: str | Callable, *args, **kwargs):
+def remote_call(actor, method: str | Callable, *args, **kwargs):
     """Call `method` on `actor`: a method by name, or a function run in the actor with the worker as its first
     argument (probes and queries that need not be part of a worker's interface)."""
     if callable(method):
@@ -140,10 +140,10 @@ class WorkerGroup:
         """`method` (a method's name, or a function of the worker: `fn(worker, *args)`) on every actor."""
         import ray
 
-        return ray.get([_remote(a, method, *args, **kwargs) for a in self.actors], timeout=self.timeout_s)
+        return ray.get([remote_call(a, method, *args, **kwargs) for a in self.actors], timeout=self.timeout_s)
 
     def call_all_async(self, method: str | Callable, *args, **kwargs) -> Pending:
-        refs = [_remote(a, method, *args, **kwargs) for a in self.actors]
+        refs = [remote_call(a, method, *args, **kwargs) for a in self.actors]
         return Pending(refs, flat=False, timeout_s=self.timeout_s)
 
     def call_each(self, method: str, per_actor: Sequence[Any], **kwargs) -> list[Any]:

@@ -160,10 +160,14 @@ class LearnerWorker:
 
         dtype = weight_sync.DTYPES[self.cfg.model.dtype]
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # One rank holds every parameter whole anyway: gathering it again for the backward would only copy.
+        reshard = self.world_size > 1
         inner = module.student.model
         for block in [*inner.visual.blocks, *inner.language_model.layers]:  # one FSDP unit per transformer block
-            fully_shard(block, mp_policy=policy)
-        fully_shard(module, mp_policy=policy)  # the root: embeddings, final norm, vision merger, output head
+            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(
+            module, mp_policy=policy, reshard_after_forward=reshard
+        )  # the root: embeddings, final norm, vision merger, output head
         return module
 
     def train_step(self, batch: TrainBatch, keep: int = 0) -> RankStep:

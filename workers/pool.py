@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from vigos_ray.config import TeacherPoolConfig
-from workers.group import Pending, logged, scatter
+from workers.group import Pending, logged, remote_call, scatter
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,10 @@ class TeacherPool:
                         self.name, max(waiting), self.cfg.num_cpus, self.cfg.num_gpus, len(self.actors))  # fmt: skip
             self._warned_pending = True
 
-    def call_all(self, method: str, *args) -> list[Any]:
+    def call_all(self, method: str | Callable, *args) -> list[Any]:
+        """`method` (a method's name, or a function of the worker: `fn(worker, *args)`) on every worker."""
         self._promote()
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=self.timeout_s)
+        return ray.get([remote_call(a, method, *args) for a in self.actors], timeout=self.timeout_s)
 
     def scatter_async(self, method: str, items: Sequence, cost: Sequence[int] | None = None) -> Pending:
         """`method(shard)` on every serving worker, shards of about equal cost, results concatenated in order."""

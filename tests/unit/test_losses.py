@@ -87,17 +87,19 @@ def test_hidden_payload_loss_equals_full_logit_loss_values_and_gradients(kind):
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operator produces (forward and backward)."""
+    """Records the largest tensor any operator produces (forward and backward), and every output's shape."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.shapes: set[tuple[int, ...]] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, tuple | list) else [out]:
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                self.shapes.add(tuple(t.shape))
         return out
 
 
@@ -114,6 +116,41 @@ def test_chunked_loss_never_materializes_all_tokens_times_vocab():
     # The chunked path holds at most two chunks of logits, or the [tokens, d] / [vocab, d] inputs and their grads.
     assert chunked.largest <= max(2 * chunk * (V + PAD_ROWS), n * D, (V + PAD_ROWS) * D)
     assert chunked.largest < n * V / 2
+
+
+@pytest.mark.parametrize("kind, clip_mode", [("forward", "none"), ("reverse", "none"), ("reverse", "token")])
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_fused_head_and_loss_equal_the_autograd_path_values_and_gradients(kind, clip_mode, head_trains):
+    """The fused path's closed-form gradients equal autograd's through the chunked, checkpointed path, for any
+    upstream gradient per token (not only a mean), for the hidden states and, when it trains, the head."""
+    h_s, h_t, head, teacher_head, targets = _hidden_case()
+    head.requires_grad_(head_trains)
+    teacher = TeacherTargets("hidden", hidden=h_t)
+    _, div = token_losses(h_s, head, teacher, targets, DivergenceSpec(kind), V, teacher_head, fused=False)
+    spec = DivergenceSpec(kind, temperature=0.9, clip_mode=clip_mode, clip=float(div.median()))
+    upstream = torch.rand(N, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    inputs = [h_s, head] if head_trains else [h_s]
+    out = {}
+    for fused in (True, False):
+        loss, div = token_losses(h_s, head, teacher, targets, spec, V, teacher_head, chunk_tokens=4, fused=fused)
+        out[fused] = (loss, div, torch.autograd.grad((loss * upstream).sum(), inputs))
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-12, rtol=0)
+    for a, b in zip(out[True][2], out[False][2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert not out[True][1].requires_grad
+
+
+def test_fused_loss_with_a_frozen_head_recomputes_no_logits_in_backward():
+    n, chunk = 64, 8
+    h_s, h_t, head, teacher_head, targets = _hidden_case(torch.float32, n=n)
+    teacher = TeacherTargets("hidden", hidden=h_t)
+    for fused, expected in ((True, False), (False, True)):
+        loss, _ = token_losses(h_s, head.detach(), teacher, targets, DivergenceSpec("reverse"), V, teacher_head,
+                               chunk, fused=fused)  # fmt: skip
+        with LargestTensor() as backward:
+            loss.sum().backward()
+        assert ((chunk, V) in backward.shapes) == expected  # the autograd path rebuilds each chunk's logits
 
 
 def test_topk_payload_with_k_equal_to_vocab_equals_the_full_loss():
