@@ -54,8 +54,8 @@ def batch_inputs(path: Path, cfg, rollouts_n: int, tokens: int, valid: float):
     return processor, plan, targets, teacher
 
 
-def single_process(path: Path, cfg, processor, plan, targets, teacher, steps: int, profile: bool) -> dict:
-    """Seconds per phase of forward + loss, backward, clip + AdamW step on the plain model."""
+def single_process(path: Path, cfg, processor, plan, targets, teacher):
+    """A step function of the plain model (forward + loss, backward, clip + AdamW) and its seconds per phase."""
     import torch
 
     from vigos_ray.models import load_model
@@ -91,12 +91,11 @@ def single_process(path: Path, cfg, processor, plan, targets, teacher, steps: in
         for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0), strict=True):
             times[k].append(v)
 
-    run(step, steps, profile, "single process")
-    return {k: median(v[1:]) for k, v in times.items()}
+    return step, times
 
 
-def learner(path: Path, cfg, plan, targets, steps: int, profile: bool) -> dict:
-    """Seconds per train_step of one LearnerWorker rank (its own clock), and the split of the batch."""
+def learner(path: Path, cfg, plan, targets):
+    """A step function of one LearnerWorker rank (`train_step`, timed by its own clock), its seconds, its batch."""
     from vigos_ray.batching import split_batch
     from vigos_ray.weight_sync import free_address
     from workers.learner import LearnerWorker
@@ -106,23 +105,18 @@ def learner(path: Path, cfg, plan, targets, steps: int, profile: bool) -> dict:
     worker.join(host, port, 1)
     batch = split_batch(plan, targets, 1, cfg.learner.micro_token_budget)[0]
     times: list[float] = []
-    run(lambda: times.append(worker.train_step(batch).seconds), steps, profile, "learner rank")
-    worker.shutdown()
-    return {"step": median(times[1:]), "micro-batches": len(batch.micro)}
+    return (lambda: times.append(worker.train_step(batch).seconds)), times, batch
 
 
-def run(step, steps: int, profile: bool, name: str) -> None:
-    """`steps` + 1 calls of `step` (the first warms up); with `profile`, one more under the torch profiler."""
-    for _ in range(steps + 1):
+def profiled(step, name: str) -> None:
+    """One call of `step` under the torch profiler; prints its top operators."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
-        print(f"\n{name}: top operators by self CPU time")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
+    print(f"\n{name}: top operators by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
 
 
 def main() -> None:
@@ -147,17 +141,26 @@ def main() -> None:
                                  "run.cpu_threads=0", *args.overrides])  # fmt: skip
     torch.set_num_threads(max(1, torch.get_num_threads()))
     processor, plan, targets, teacher = batch_inputs(path, cfg, args.rollouts, args.tokens, args.valid)
-    base = single_process(path, cfg, processor, plan, targets, teacher, args.steps, args.profile)
-    ours = learner(path, cfg, plan, targets, args.steps, args.profile)
+    single_step, single_times = single_process(path, cfg, processor, plan, targets, teacher)
+    learner_step, learner_times, batch = learner(path, cfg, plan, targets)
+    for _ in range(args.steps + 1):  # interleaved, so that a slow spell of the machine hits both; 1st: warm-up
+        single_step()
+        learner_step()
+    if args.profile:
+        profiled(single_step, "single process")
+        profiled(learner_step, "learner rank")
+    base = {k: median(v[1 : args.steps + 1]) for k, v in single_times.items()}
+    ours = {"step": median(learner_times[1 : args.steps + 1]), "micro-batches": len(batch.micro)}
     tokens = sum(len(u) for u in plan.union)
     rows = [["single process", *(f"{base[k]:.2f}" for k in ("forward + loss", "backward", "clip + optimizer")),
              f"{base['step']:.2f}", f"{tokens / base['step']:.0f}", "-", "1.00x"],
             ["learner rank (FSDP2, 1 rank)", "-", "-", "-", f"{ours['step']:.2f}", f"{tokens / ours['step']:.0f}",
              ours["micro-batches"], f"{base['step'] / ours['step']:.2f}x"]]  # fmt: skip
     table(f"train step, {args.rollouts} rollouts x {args.tokens} tokens ({tokens} supervised; LoRA "
-          f"{'on' if args.lora else 'off'}; {torch.get_num_threads()} threads; median of {args.steps} after a "
-          "warm-up)", ["path", "forward + loss s", "backward s", "clip + optimizer s", "step s", "tokens/s",
-                       "micro-batches", "speed vs single"], rows)  # fmt: skip
+          f"{'on' if args.lora else 'off'}; {torch.get_num_threads()} threads; median of {args.steps}, the two "
+          "interleaved, after a warm-up)",
+          ["path", "forward + loss s", "backward s", "clip + optimizer s", "step s", "tokens/s", "micro-batches",
+           "speed vs single"], rows)  # fmt: skip
 
 
 if __name__ == "__main__":

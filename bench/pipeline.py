@@ -59,8 +59,9 @@ def single_process(path: Path, cache: Path, prompts: int, tokens: int, steps: in
     for step in range(steps + 1):
         times: dict[str, float] = {}
         optimizer.zero_grad(set_to_none=True)
-        vigos_step(student, dict.fromkeys(cfg.teacher_pools(), teacher), processor,
-                   stream.next_batch(prompts), cfg, seed=step, times=times)  # fmt: skip
+        result = vigos_step(student, dict.fromkeys(cfg.teacher_pools(), teacher), processor,
+                            stream.next_batch(prompts), cfg, seed=step, times=times)  # fmt: skip
+        times["tokens"] = sum(len(u) for u in result.plan.union)  # supervised tokens
         t0 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.learner.grad_clip)
         optimizer.step()
@@ -69,6 +70,7 @@ def single_process(path: Path, cache: Path, prompts: int, tokens: int, steps: in
         records.append(times)
     out = {k: median(r[k] for r in records[1:]) for k in BASE_STAGES}
     out["step"] = sum(out.values())
+    out["tokens"] = median(r["tokens"] for r in records[1:])
     out["peak_mb"] = {"single process": peak_mb()}
     return out
 
@@ -78,7 +80,8 @@ def actor_peak_mb(actor) -> float:
     return peak_mb()
 
 
-def ours(path: Path, cache: Path, prompts: int, tokens: int, steps: int, learners: int, mode: str) -> dict:
+def ours(path: Path, cache: Path, prompts: int, tokens: int, steps: int, learners: int, mode: str,
+         extra: list[str] = ()) -> dict:  # fmt: skip
     """Median seconds per stage of the pipeline's steps, and the largest peak RSS of each actor kind."""
     from vigos_ray.config import load_config
     from vigos_ray.models import load_processor
@@ -86,7 +89,7 @@ def ours(path: Path, cache: Path, prompts: int, tokens: int, steps: int, learner
     from workers.driver import train
     from workers.pipeline import Pipeline
 
-    cfg = load_config(overrides=overrides(path, cache, prompts, tokens, learners, mode))
+    cfg = load_config(overrides=[*overrides(path, cache, prompts, tokens, learners, mode), *extra])
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, steps=steps + 1))
     processor = load_processor(path, cfg.model.min_pixels, cfg.model.max_pixels)
     pipe = Pipeline(cfg, path)
@@ -101,6 +104,7 @@ def ours(path: Path, cache: Path, prompts: int, tokens: int, steps: int, learner
     out = {k: median(r[f"time/{k}"] for r in records[1:]) for k in STAGES}
     out["step"] = median(r["time/step"] for r in records[1:])
     out["learner_rank"] = median(r["time/learner/rank"] for r in records[1:])
+    out["tokens"] = median(sum(v for k, v in r.items() if k.startswith("tokens/")) for r in records[1:])
     out["peak_mb"] = peaks
     return out
 
@@ -120,6 +124,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["sync", "async"])
     parser.add_argument("--learners", type=int, default=1, help="learner ranks (FSDP)")
     parser.add_argument("--cache", default=str(REPO / ".cache" / "vigos"))
+    parser.add_argument("overrides", nargs="*", help="config key=value for our pipeline (e.g. rollout.workers=2)")
     if "--child" in sys.argv:  # the single-process baseline, in a fresh process
         i = sys.argv.index("--child")
         shape, model, steps, cache, out = sys.argv[i + 1 : i + 6]
@@ -142,7 +147,8 @@ def main() -> None:
         for shape in args.shapes:
             prompts, tokens = (int(x) for x in shape.split("x"))
             for mode in args.modes:
-                results[(shape, mode)] = ours(path, cache, prompts, tokens, args.steps, args.learners, mode)
+                results[(shape, mode)] = ours(path, cache, prompts, tokens, args.steps, args.learners, mode,
+                                              args.overrides)  # fmt: skip
                 print(f"{shape} {mode}: {results[(shape, mode)]}", flush=True)
     finally:
         ray.shutdown()
@@ -150,7 +156,7 @@ def main() -> None:
     rows = []
     for (shape, system), r in results.items():
         if "error" in r:
-            rows.append([shape, system, *["-"] * 9, r["error"]])
+            rows.append([shape, system, *["-"] * 10, r["error"]])
             continue
         prompts, tokens = (int(x) for x in shape.split("x"))
         work = prompts * tokens  # completion tokens per step (every rollout runs to the limit)
@@ -158,14 +164,15 @@ def main() -> None:
         sampling = r["sampling"] if system == "single process" else r["rollout_wait"]
         teachers = r["teachers"] + r.get("plan", 0.0)
         peaks = ", ".join(f"{k} {v:,.0f}" for k, v in r["peak_mb"].items())
-        rows.append([shape, system, f"{sampling:.2f}", f"{work / sampling:.0f}", f"{teachers:.2f}",
-                     f"{r['learner']:.2f}", f"{work / r['learner']:.0f}", f"{r.get('push', 0.0):.2f}",
-                     f"{r['step']:.2f}", f"{base['step'] / r['step']:.2f}x", peaks])  # fmt: skip
+        rows.append([shape, system, f"{r['tokens']:.0f}", f"{sampling:.2f}", f"{work / sampling:.0f}",
+                     f"{teachers:.2f}", f"{r['learner']:.2f}", f"{work / r['learner']:.0f}",
+                     f"{r.get('push', 0.0):.2f}", f"{r['step']:.2f}", f"{base['step'] / r['step']:.2f}x",
+                     peaks])  # fmt: skip
     table(f"pipeline step vs a single process on equal work (realistic model, LoRA r64, {args.learners} learner "
           f"rank(s), {os.cpu_count()} cores; median of {args.steps} steps after a warm-up; sampling = the wait for "
           "rollouts in ours; teachers includes planning; tokens/s = completion tokens per stage second)",
-          ["batch", "system", "sampling s", "sampling tok/s", "teachers s", "learner s", "learner tok/s", "push s",
-           "step s", "speed vs single", "peak RSS MB"], rows)  # fmt: skip
+          ["batch", "system", "supervised tokens", "sampling s", "sampling tok/s", "teachers s", "learner s",
+           "learner tok/s", "push s", "step s", "speed vs single", "peak RSS MB"], rows)  # fmt: skip
 
 
 if __name__ == "__main__":

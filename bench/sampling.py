@@ -16,8 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from common import REPO, table
-from threads_and_push import wide_model
+from common import REPO, table, wide_model
 
 
 def main() -> None:

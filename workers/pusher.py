@@ -63,11 +63,12 @@ class WeightPusher:
         self._full_next = True
 
     def _choose_transport(self) -> str:
-        """`auto`: from the GPUs learner rank 0 and each rollout worker hold (none: gloo)."""
+        """`auto`: from the GPUs learner rank 0 and each rollout worker hold, and whether the run samples ahead."""
         timeout = self.cfg.weight_sync.timeout_s
         learner = ray.get(self.learner.actors[0].__ray_call__.remote(visible_gpus), timeout=timeout)
         engines = ray.get([a.__ray_call__.remote(visible_gpus) for a in self.rollout.actors], timeout=timeout)
-        return choose(learner, engines)
+        ahead = self.cfg.run.mode == "async" and self.cfg.rollout.tensor_parallel_size == 1
+        return choose(learner, engines, ahead)
 
     def push(self, version: int, wait: bool = True, full: bool = False) -> tuple[PushReport, list[PushReceipt]]:
         """The learner's weights of `version` (the current one, or one it keeps) -> every rollout worker, verified;

@@ -274,6 +274,7 @@ def test_the_device_checksum_sees_a_flipped_bit_two_swapped_words_and_a_differen
 
 def test_auto_transport_follows_where_learner_rank_0_and_the_engines_run():
     assert choose([], [["gpu-a"]]) == "gloo" and choose(["gpu-a"], [[]]) == "gloo"
+    assert choose([], [[], []], ahead=True) == "object_store"  # async on CPU: the learner need not wait
     assert choose(["gpu-a"], [["gpu-a"], ["gpu-a"]]) == "ipc"
     assert choose(["gpu-a"], [["gpu-b", "gpu-c"], ["gpu-d"]]) == "nccl"
     with pytest.raises(ValueError, match="some rollout workers share learner rank 0's GPU and some do not"):

@@ -163,11 +163,13 @@ def visible_gpus(_actor=None) -> list[str]:
     return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
 
 
-def choose(learner_gpus: list[str], engine_gpus: list[list[str]]) -> str:
-    """`weight_sync.transport: auto` from the GPUs learner rank 0 and each rollout worker see: gloo when either
-    end has none, ipc when every engine runs on learner rank 0's GPU, nccl when none does."""
+def choose(learner_gpus: list[str], engine_gpus: list[list[str]], ahead: bool = False) -> str:
+    """`weight_sync.transport: auto` from the GPUs learner rank 0 and each rollout worker see: when either end has
+    none, object_store if the run samples `ahead` (async mode, engines that are Ray workers: the learner leaves
+    the push in the object store and goes on while the engines finish sampling) else gloo; ipc when every engine
+    runs on learner rank 0's GPU, nccl when none does."""
     if not learner_gpus or not all(engine_gpus):
-        return "gloo"
+        return "object_store" if ahead else "gloo"
     shared = [learner_gpus[0] in gpus for gpus in engine_gpus]
     if all(shared) and all(len(gpus) == 1 for gpus in engine_gpus):
         return "ipc"
