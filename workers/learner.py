@@ -40,6 +40,7 @@ from vigos_ray.transports import Endpoint, open_transport
 from vigos_ray.types import RankStep, SegmentSums
 from workers.sharded_start import CheckpointRows, FrozenHead, empty_model, init_lora, materialize
 
+GROUP_TIMEOUT = timedelta(minutes=10)
 STUDENT_HEAD = object()  # a teacher head that is the student's own frozen head (LoRA): read in place, no copy
 
 
@@ -70,6 +71,7 @@ class LearnerWorker:
         self.threads = use_cpu_threads(cfg, "learner", cfg.learner.num_gpus > 0)
         self.version = 0
         self.kept: deque = deque(maxlen=0)  # (version, trainable tensors) of recent versions (`train_step`'s keep)
+        self.store = None  # rank 0: the FSDP group's TCP store (`rendezvous`)
         self.transport = None  # rank 0: its end of the weight-push group
         self.sent: dict[str, str] = {}  # digest of every tensor the rollout workers should hold (rank 0 only)
         self.device = torch.device("cuda" if cfg.learner.num_gpus > 0 else "cpu")
@@ -83,9 +85,11 @@ class LearnerWorker:
         if host == "127.0.0.1":  # a local cluster: keep gloo on loopback too
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         if not dist.is_initialized():  # (a process may build a second learner in the same group: tests)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                    init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=world_size,
-                                    timeout=timedelta(minutes=10))  # fmt: skip
+            if self.store is None:  # rank 0 hosts the store when `rendezvous` bound it, else whoever is rank 0 here
+                self.store = dist.TCPStore(host, port, world_size, is_master=self.rank == 0, timeout=GROUP_TIMEOUT,
+                                           wait_for_workers=False)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=self.store,
+                                    rank=self.rank, world_size=world_size, timeout=GROUP_TIMEOUT)  # fmt: skip
         self.world_size = world_size
         sharded = self.cfg.learner.load == "sharded"
         # sharded: parameters on meta, memory comes after fully_shard (each rank reads its own rows); full: fp32
@@ -368,6 +372,16 @@ class LearnerWorker:
 
 
 @torch.no_grad()
+def rendezvous(learner: LearnerWorker, world_size: int) -> tuple[str, int]:
+    """On learner rank 0 (`__ray_call__`): bind the FSDP group's TCP store to a port the OS picks, and return its
+    address for every rank's `join`. Choosing a free port and binding it later races with other processes on
+    the node (seen: EADDRINUSE on a busy machine); binding port 0 does not."""
+    host = weight_sync.node_ip()
+    learner.store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=GROUP_TIMEOUT,
+                                  wait_for_workers=False)  # fmt: skip
+    return host, learner.store.port
+
+
 def token_logprobs(learner: LearnerWorker, ids: list[int]) -> list[float]:
     """log p(ids[t] | ids[:t]) for t >= 1 under the current weights (a collective: call on every rank)."""
     learner.module.eval()

@@ -22,9 +22,9 @@ from vigos_ray.config import Config
 from vigos_ray.data import Sample
 from vigos_ray.objective import BatchPlan, segments
 from vigos_ray.types import Decoding, RankStep
-from vigos_ray.weight_sync import PushReceipt, PushReport, free_address
+from vigos_ray.weight_sync import PushReceipt, PushReport
 from workers.group import Pending, WorkerGroup, wait_all
-from workers.learner import LearnerWorker, head_checksums
+from workers.learner import LearnerWorker, head_checksums, rendezvous
 from workers.pool import TeacherPool
 from workers.pusher import RESTARTS, WeightPusher
 from workers.rollout import RolloutWorker, StaleWeightsError
@@ -60,7 +60,7 @@ class Pipeline:
                                    name="learner", timeout_s=timeout, wait=False, log_dir=log_dir)  # fmt: skip
         for group in (self.rollout, *self.teachers.values(), self.learner):
             group.ready().result()
-        host, port = ray.get(self.learner.actors[0].__ray_call__.remote(free_address), timeout=timeout)
+        host, port = ray.get(self.learner.actors[0].__ray_call__.remote(rendezvous, lc.workers), timeout=timeout)
         self.learner.call_all("join", host, port, lc.workers)
         self._check_teacher_heads()
         self.pusher = WeightPusher(cfg, self.learner, self.rollout)
