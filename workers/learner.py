@@ -86,8 +86,9 @@ class LearnerWorker:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         if not dist.is_initialized():  # (a process may build a second learner in the same group: tests)
             if self.store is None:  # rank 0 hosts the store when `rendezvous` bound it, else whoever is rank 0 here
-                self.store = dist.TCPStore(host, port, world_size, is_master=self.rank == 0, timeout=GROUP_TIMEOUT,
-                                           wait_for_workers=False)
+                self.store = dist.TCPStore(
+                    host, port, world_size, is_master=self.rank == 0, timeout=GROUP_TIMEOUT, wait_for_workers=False
+                )
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=self.store,
                                     rank=self.rank, world_size=world_size, timeout=GROUP_TIMEOUT)  # fmt: skip
         self.world_size = world_size
