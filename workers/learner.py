@@ -56,7 +56,7 @@ class LossModule(nn.Module):
         """(weighted loss, stats) of a micro-batch, or, given token ids [1, T], their next-token log-probs [T-1]:
         every use of the weights goes through here, so that FSDP's root hooks gather what it holds."""
         if isinstance(micro, torch.Tensor):
-            return next_token_logprobs(self.student, micro)
+            return next_token_logprobs(self.student, micro).clone()  # not a view: FSDP hooks the output
         own = output_head(self.student)  # inside the root's forward: gathered whole
         heads = {name: own if h is STUDENT_HEAD else h.full for name, h in self.teacher_heads.items()}
         loss, stats = student_loss(self.student, micro.plan, micro.targets, self.cfg, self.vocab_size, heads,
