@@ -139,7 +139,7 @@ class _FusedHeadKL(torch.autograd.Function):
         for lo in range(0, h.shape[0], chunk):
             loss, div, delta = _fused_chunk(h[lo : lo + chunk], head, t_hidden[lo : lo + chunk], t_head, kind,
                                             temperature, clip, vocab)  # fmt: skip
-            grad_h[lo : lo + chunk] = delta @ upcast(head[:vocab])
+            grad_h[lo : lo + chunk] = delta.to(head.dtype) @ head[:vocab]  # as autograd would: in the head's dtype
             losses.append(loss)
             divergences.append(div)
         ctx.save_for_backward(h, head, t_hidden, t_head, grad_h)

@@ -141,6 +141,22 @@ def test_fused_head_and_loss_equal_the_autograd_path_values_and_gradients(kind, 
     assert not out[True][1].requires_grad
 
 
+def test_fused_loss_in_bfloat16_runs_in_the_heads_dtype_and_agrees_with_autograd():
+    """A bf16 model (the GPU configs): the fused path keeps the hidden states' and head's dtypes for the
+    gradients it returns and agrees with the autograd path to bf16 precision."""
+    h_s, h_t, head, teacher_head, targets = _hidden_case(torch.float32)
+    h_s = h_s.detach().bfloat16().requires_grad_(True)
+    head, teacher_head = head.detach().bfloat16().requires_grad_(True), teacher_head.bfloat16()
+    teacher = TeacherTargets("hidden", hidden=h_t.bfloat16())
+    grads = {}
+    for fused in (True, False):
+        loss, _ = token_losses(h_s, head, teacher, targets, DivergenceSpec("reverse"), V, teacher_head, 4, fused=fused)
+        grads[fused] = torch.autograd.grad(loss.sum(), [h_s, head])
+    for a, b in zip(grads[True], grads[False], strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), atol=0.05 * b.float().abs().max().item(), rtol=0)
+
+
 def test_fused_loss_with_a_frozen_head_recomputes_no_logits_in_backward():
     n, chunk = 64, 8
     h_s, h_t, head, teacher_head, targets = _hidden_case(torch.float32, n=n)
