@@ -58,6 +58,23 @@ def wide_model(cache: Path) -> Path:
     return ensure_tiny_model(cache, "qwen_vocab", seed=0, hidden=256, layers=4, name="tiny-wide")
 
 
+def plain_student(path: Path, cfg):
+    """The single-process baselines' student: the fp32 model as `learner.*` sets it up (gradient checkpointing,
+    LoRA), in train mode, and AdamW over what it trains."""
+    import torch
+
+    from vigos_ray.models import add_lora, load_model
+
+    student = load_model(path, "float32", "cpu")
+    if cfg.learner.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.learner.lora.enabled:
+        student = add_lora(student, cfg.learner.lora).get_base_model()
+    student.train()
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    return student, trainable, torch.optim.AdamW(trainable, lr=cfg.learner.lr)
+
+
 def synthetic_rollouts(samples, processor, cfg, valid_fraction: float = 0.5, words: int = 30, seed: int = 0):
     """Rollouts of the shapes training meets: `valid_fraction` in format (a description and reasoning of about
     `words` words each, a boxed answer), the rest broken (random allowed tokens, as long as a valid one)."""

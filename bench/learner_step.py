@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from common import REPO, synthetic_rollouts, table, wide_model
+from common import REPO, plain_student, synthetic_rollouts, table, wide_model
 
 
 def batch_inputs(path: Path, cfg, rollouts_n: int, tokens: int, valid: float):
@@ -58,22 +58,10 @@ def single_process(path: Path, cfg, processor, plan, targets, teacher):
     """A step function of the plain model (forward + loss, backward, clip + AdamW) and its seconds per phase."""
     import torch
 
-    from vigos_ray.models import load_model
     from vigos_ray.objective import student_loss
     from vigos_ray.scoring import output_head
 
-    student = load_model(path, "float32", "cpu")
-    if cfg.learner.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.learner.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        lc = cfg.learner.lora
-        student = get_peft_model(student, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                     target_modules=lc.target_modules)).get_base_model()  # fmt: skip
-    student.train()
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learner.lr)
+    student, trainable, optimizer = plain_student(path, cfg)
     heads = {seg.name: output_head(teacher) for seg in plan.segments}
     vocab, pad = len(processor.tokenizer), processor.tokenizer.pad_token_id or 0
     times: dict[str, list[float]] = {"forward + loss": [], "backward": [], "clip + optimizer": [], "step": []}

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from common import REPO, peak_mb, run_child, table, wide_model
+from common import REPO, peak_mb, plain_student, run_child, table, wide_model
 
 BASE_STAGES = ["sampling", "teachers", "learner"]  # the single process's stages, in our stages' names
 STAGES = ["rollout_wait", "plan", "teachers", "learner", "push"]
@@ -38,7 +38,6 @@ def overrides(path: Path, cache: Path, prompts: int, tokens: int, learners: int,
 def single_process(path: Path, cache: Path, prompts: int, tokens: int, steps: int) -> dict:
     """Median seconds per stage of `vigos_step` + AdamW, and this process's peak RSS in MB."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from vigos_ray.config import load_config
     from vigos_ray.models import load_model, load_processor
@@ -47,13 +46,8 @@ def single_process(path: Path, cache: Path, prompts: int, tokens: int, steps: in
 
     cfg = load_config(overrides=overrides(path, cache, prompts, tokens, 1, "sync"))
     processor = load_processor(path, cfg.model.min_pixels, cfg.model.max_pixels)
-    student = load_model(path, "float32", "cpu")
-    teacher = frozen_copy(student)
-    lc = cfg.learner.lora
-    student = get_peft_model(student, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                 target_modules=lc.target_modules)).get_base_model()  # fmt: skip
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learner.lr)
+    teacher = frozen_copy(load_model(path, "float32", "cpu"))
+    student, trainable, optimizer = plain_student(path, cfg)
     stream = prompt_stream(cfg, processor)
     records = []
     for step in range(steps + 1):

@@ -499,8 +499,7 @@ class Config:
         check_contexts(self.prompts)
         for role, pool in self.teachers.items():
             pool.check(role)
-        used = segments(self.loss)
-        for seg in used:
+        for seg in segments(self.loss):
             what = f"loss.objective={self.loss.objective} scores segment {seg.name!r} with"
             _require(
                 seg.teacher in self.teachers,

@@ -126,6 +126,14 @@ class ImageOnlyProcessor:
         return BatchFeature(data=data)
 
 
+def add_lora(model, lora):
+    """`model` wrapped by PEFT with the adapters `lora` (a LoraConfig of ours) names; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
+    return get_peft_model(model, config)
+
+
 def load_processor(path: str | Path, min_pixels: int, max_pixels: int, image_only: bool = False):
     """The folder's processor with the image size range from config; image-only when video support can't load."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer

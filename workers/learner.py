@@ -25,6 +25,7 @@ from vigos_ray.batching import MicroBatch, TrainBatch
 from vigos_ray.cluster import use_cpu_threads
 from vigos_ray.config import Config
 from vigos_ray.models import (
+    add_lora,
     load_model,
     load_output_head,
     load_processor,
@@ -99,7 +100,8 @@ class LearnerWorker:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora_scaling = 0.0
         if self.cfg.learner.lora.enabled:
-            model = self._add_lora(model)
+            lc = self.cfg.learner.lora
+            model, self.lora_scaling = add_lora(model, lc), lc.alpha / lc.r
         self.student = model.get_base_model() if self.cfg.learner.lora.enabled else model
         self.heads = self._teacher_heads(copy_loaded=not sharded)
         self.module = self._shard(LossModule(self.student, self.cfg, self.vocab_size, self.pad_id, self.heads))
@@ -152,14 +154,6 @@ class LearnerWorker:
             stack.enter_context(head.gathered())
         return stack
 
-    def _add_lora(self, model):
-        from peft import LoraConfig, get_peft_model
-
-        lc = self.cfg.learner.lora
-        config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules)
-        self.lora_scaling = lc.alpha / lc.r
-        return get_peft_model(model, config)
-
     def _shard(self, module: LossModule) -> LossModule:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -170,9 +164,8 @@ class LearnerWorker:
         inner = module.student.model
         for block in [*inner.visual.blocks, *inner.language_model.layers]:  # one FSDP unit per transformer block
             fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(
-            module, mp_policy=policy, reshard_after_forward=reshard
-        )  # the root: embeddings, final norm, vision merger, output head
+        # the root: embeddings, final norm, vision merger, output head
+        fully_shard(module, mp_policy=policy, reshard_after_forward=reshard)
         return module
 
     def train_step(self, batch: TrainBatch, keep: int = 0) -> RankStep:
