@@ -82,18 +82,29 @@ def single_process(path: Path, cfg, processor, plan, targets, teacher):
     return step, times
 
 
-def learner(path: Path, cfg, plan, targets):
-    """A step function of one LearnerWorker rank (`train_step`, timed by its own clock), its seconds, its batch."""
+def learner(path: Path, cfg, plan, targets, in_actor: bool = False):
+    """A step function of one LearnerWorker rank (`train_step`, timed by its own clock), its seconds, its batch.
+    `in_actor`: the rank is a Ray actor, created as the pipeline creates it (so what differs from the in-process
+    rank is the actor's process: Ray's environment, niceness, memory)."""
     from vigos_ray.batching import split_batch
     from vigos_ray.weight_sync import free_address
     from workers.learner import LearnerWorker
 
-    worker = LearnerWorker(cfg, path)
-    host, port = free_address()
-    worker.join(host, port, 1)
     batch = split_batch(plan, targets, 1, cfg.learner.micro_token_budget)[0]
     times: list[float] = []
-    return (lambda: times.append(worker.train_step(batch).seconds)), times, batch
+    host, port = free_address()
+    if not in_actor:
+        worker = LearnerWorker(cfg, path)
+        worker.join(host, port, 1)
+        return (lambda: times.append(worker.train_step(batch).seconds)), times, batch
+    import ray
+
+    from vigos_ray.cluster import init_ray
+
+    init_ray(cfg)
+    actor = ray.remote(num_cpus=cfg.learner.num_cpus)(LearnerWorker).remote(cfg, path)
+    ray.get(actor.join.remote(host, port, 1))
+    return (lambda: times.append(ray.get(actor.train_step.remote(batch)).seconds)), times, batch
 
 
 def profiled(step, name: str) -> None:
@@ -117,6 +128,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--actor", action="store_true", help="the learner rank in a Ray actor, as in the pipeline")
     parser.add_argument("--cache", default=str(REPO / ".cache" / "vigos"))
     parser.add_argument("overrides", nargs="*", help="config key=value")
     args = parser.parse_args()
@@ -130,7 +142,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     processor, plan, targets, teacher = batch_inputs(path, cfg, args.rollouts, args.tokens, args.valid)
     single_step, single_times = single_process(path, cfg, processor, plan, targets, teacher)
-    learner_step, learner_times, batch = learner(path, cfg, plan, targets)
+    learner_step, learner_times, batch = learner(path, cfg, plan, targets, args.actor)
     for _ in range(args.steps + 1):  # interleaved, so that a slow spell of the machine hits both; 1st: warm-up
         single_step()
         learner_step()
@@ -140,10 +152,11 @@ def main() -> None:
     base = {k: median(v[1 : args.steps + 1]) for k, v in single_times.items()}
     ours = {"step": median(learner_times[1 : args.steps + 1]), "micro-batches": len(batch.micro)}
     tokens = sum(len(u) for u in plan.union)
+    where = ", Ray actor" if args.actor else ""
     rows = [["single process", *(f"{base[k]:.2f}" for k in ("forward + loss", "backward", "clip + optimizer")),
              f"{base['step']:.2f}", f"{tokens / base['step']:.0f}", "-", "1.00x"],
-            ["learner rank (FSDP2, 1 rank)", "-", "-", "-", f"{ours['step']:.2f}", f"{tokens / ours['step']:.0f}",
-             ours["micro-batches"], f"{base['step'] / ours['step']:.2f}x"]]  # fmt: skip
+            [f"learner rank (FSDP2, 1 rank{where})", "-", "-", "-", f"{ours['step']:.2f}",
+             f"{tokens / ours['step']:.0f}", ours["micro-batches"], f"{base['step'] / ours['step']:.2f}x"]]  # fmt: skip
     table(f"train step, {args.rollouts} rollouts x {args.tokens} tokens ({tokens} supervised; LoRA "
           f"{'on' if args.lora else 'off'}; {torch.get_num_threads()} threads; median of {args.steps}, the two "
           "interleaved, after a warm-up)",

@@ -1,9 +1,12 @@
-"""The CPU reproduction study: `python launch/study.py [--config configs/easyvqa_study.yaml] [k=v ...]`.
+"""The CPU grounding study: `python launch/study.py [--config configs/easyvqa_study.yaml] [k=v ...]`.
 
-Warm start on easy-VQA train, then ViGOS, vanilla OPSD and no further training from it with equal budgets and
-the same seeds, then every arm evaluated on easy-VQA test (Avg@k, valid format, image sensitivity) and PALR per
-segment on the warm start's rollouts. Writes `<run.output_dir>/<run.name>/` with results.md (the table),
-results.json and comparison.png; a study that stopped part-way resumes where it stopped when run again.
+A tiny model taught to see (vision pretraining, then the format warm start on easy-VQA train), then ViGOS, vanilla
+OPSD and no further training from it with equal budgets and the same seeds on shortcut-prone data (the question's
+wording suggests the answer), then every arm evaluated on held-out items where that suggestion is wrong half of the
+time (Avg@k, valid format, image sensitivity, prior-conflict and prior-consistent accuracy) and PALR per segment on
+the warm start's rollouts. `--config configs/easyvqa_study_blind.yaml` runs the first study (docs/study.md).
+Writes `<run.output_dir>/<run.name>/` with results.md (the tables), results.json and comparison.png; a study that
+stopped part-way resumes where it stopped when run again.
 """
 
 from __future__ import annotations

@@ -69,8 +69,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # `easyvqa`: the embedded easy-VQA set (PyPI easy-vqa). `files`: JSONL/Parquet files in vigos_ray/data.py format.
-    source: Literal["easyvqa", "files"] = "easyvqa"
+    # `easyvqa`: the embedded easy-VQA set (PyPI easy-vqa). `easyvqa_shortcut`: its colour and shape questions with
+    # a planted wording prior drawn from run.seed (vigos_ray/easyvqa.py; README "Shortcut-prone data"). `files`:
+    # JSONL/Parquet files in vigos_ray/data.py format.
+    source: Literal["easyvqa", "easyvqa_shortcut", "files"] = "easyvqa"
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     # Use at most this many records per split (0 = all); keeps the CPU default quick.
@@ -79,9 +81,12 @@ class DataConfig:
     # What a malformed record does: `skip` (counted and logged once per kind) or `raise`.
     on_bad_record: Literal["skip", "raise"] = "skip"
     max_prompt_tokens: int = 1024
+    # easyvqa_shortcut: the share of the training questions whose wording suggests an answer that agree with it.
+    prior_agree: float = 0.9
 
     def __post_init__(self) -> None:
         _require(self.limit >= 0, "data.limit", f"must be >= 0 (got {self.limit})")
+        _require(0 < self.prior_agree < 1, "data.prior_agree", f"must be in (0, 1) (got {self.prior_agree})")
         _require(self.max_prompt_tokens > 0, "data.max_prompt_tokens", f"must be > 0 (got {self.max_prompt_tokens})")
         if self.source == "files":
             _require(bool(self.train_files), "data.train_files", "must list at least one file when data.source=files")
@@ -433,9 +438,18 @@ class WarmStartConfig:
     # Train the vision tower too (false: it keeps the initial model's features; trained, the tiny model's tower
     # collapsed to one output for every image).
     train_vision: bool = False
+    # Vision pretraining before the format warm start (vigos_ray/sight.py): the tower learns to name each
+    # easy-VQA train image's colour and shape, then stays frozen while the language model learns to read it. 0: off
+    # (the tower keeps its random features, which the tiny language model never learns to read).
+    vision_steps: int = 0
+    vision_batch: int = 64  # images per vision step
+    vision_lr: float = 2e-3
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "warm_start.steps", f"must be >= 0 (got {self.steps}; 0: no warm start)")
+        _require(self.vision_steps >= 0, "warm_start.vision_steps", f"must be >= 0 (got {self.vision_steps})")
+        _require(self.vision_batch >= 1, "warm_start.vision_batch", f"must be >= 1 (got {self.vision_batch})")
+        _require(self.vision_lr > 0, "warm_start.vision_lr", f"must be > 0 (got {self.vision_lr})")
         _require(self.batch >= 1, "warm_start.batch", f"must be >= 1 (got {self.batch})")
         _require(self.lr > 0, "warm_start.lr", f"must be > 0 (got {self.lr})")
 

@@ -9,7 +9,9 @@ Numbers, per SPEC §9: Avg@k is the mean correctness of k samples per item; Pass
 1 - C(n-c, k) / C(n, k) over n >= k samples with c correct. A response with no answer to extract is unparseable:
 counted apart and graded wrong. The grounding probe samples every item again with the image of the next item
 that shows another picture: image sensitivity = accuracy with the true image - accuracy with the mismatched one.
-Where records carry `prior_conflict`, accuracy is also split into conflicting (ViLP's Score) and consistent items.
+Where records carry `prior_conflict`, accuracy is also split into conflicting (ViLP's Score) and consistent items;
+where they also carry `prior_answer` (the answer a text prior suggests), the share of samples on conflicting items
+that give that answer is reported as `follows_prior`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class EvalItem:
     sample: Sample
     choices: tuple[str, ...] | None = None
     prior_conflict: bool | None = None
+    prior_answer: str | None = None  # the answer a text prior suggests (shortcut-prone data): who follows it
 
 
 def check_benchmark(name: str) -> None:
@@ -88,7 +91,9 @@ def read_items(paths: Sequence[str | Path], cfg: Config, limit: int = 0) -> list
             continue
         if choices and isinstance(f.get("problem"), str):
             f["problem"] = with_choices(f["problem"], choices)
-        extras[str(f.get("id"))] = (tuple(choices) if choices else None, f.get("prior_conflict"))
+        prior_answer = f.get("prior_answer")
+        extras[str(f.get("id"))] = (tuple(choices) if choices else None, f.get("prior_conflict"),
+                                    None if prior_answer is None else str(prior_answer))  # fmt: skip
     items, bad = [], Counter()
     for rec in records:
         try:
@@ -97,8 +102,8 @@ def read_items(paths: Sequence[str | Path], cfg: Config, limit: int = 0) -> list
             bad[getattr(err, "kind", "malformed")] += 1
             log.warning("skipping %s", err)
             continue
-        choices, conflict = extras[sample.id]
-        items.append(EvalItem(sample, choices, None if conflict is None else bool(conflict)))
+        choices, conflict, prior_answer = extras[sample.id]
+        items.append(EvalItem(sample, choices, None if conflict is None else bool(conflict), prior_answer))
     if not items:
         raise DataError(f"no usable evaluation records in {[str(p) for p in paths]} ({dict(bad)})")
     return items
@@ -198,6 +203,11 @@ def evaluate(
         for name, want in (("conflict", True), ("consistent", False)):
             picked = [r for r, f in zip(results, flags, strict=True) if f is want]
             split[name] = summarize(picked, k)["accuracy"] if picked else None
+        # where the prior is wrong, how often the answer is the prior's: the shortcut itself, not any error
+        followed = [grade(x, it.prior_answer, it.choices) for r, it in zip(results, items, strict=True)
+                    if it.prior_conflict and it.prior_answer is not None for x in r.extracted]  # fmt: skip
+        if followed:
+            split["follows_prior"] = sum(followed) / len(followed)
         report["prior"] = split
     report["per_item"] = [dataclasses.asdict(r) for r in results]
     return report
@@ -213,7 +223,8 @@ def table(report: dict) -> str:
         rows += [("accuracy, mismatched image", report["image"]["mismatched"]),
                  ("image sensitivity", report["image"]["sensitivity"])]  # fmt: skip
     for name, value in report.get("prior", {}).items():
-        rows.append((f"accuracy, prior-{name} items", value))
+        follows = name == "follows_prior"
+        rows.append(("answers the prior, prior-conflict items" if follows else f"accuracy, prior-{name} items", value))
     width = max(len(name) for name, _ in rows)
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  ------"]
     lines += [f"{name.ljust(width)}  {'n/a' if v is None else f'{100 * v:6.2f}%'}" for name, v in rows]

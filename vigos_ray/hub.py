@@ -65,6 +65,12 @@ def resolved_inputs(cfg) -> list[str]:
         lines.append(model(f"teachers.{role}.checkpoint", pool.checkpoint, "the initial student"))
     if cfg.data.source == "easyvqa":
         return [*lines, "data: the embedded easy-VQA set (train and test splits)"]
+    if cfg.data.source == "easyvqa_shortcut":
+        return [
+            *lines,
+            f"data: easy-VQA's colour and shape questions with a wording prior drawn from run.seed="
+            f"{cfg.run.seed}, {cfg.data.prior_agree:.0%} agreeing in train (written into run.cache_dir)",
+        ]
     for key, entries, split in (("data.train_files", cfg.data.train_files, "train"),
                                 ("data.eval_files", cfg.data.eval_files, "test")):  # fmt: skip
         for entry in entries:

@@ -3,11 +3,9 @@ tiny default), every teacher checkpoint against its tokenizer, the data files, a
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from vigos_ray.config import Config
 from vigos_ray.data import PromptStream, read_files, record_files
-from vigos_ray.easyvqa import write_easyvqa_jsonl
+from vigos_ray.easyvqa import embedded_file
 from vigos_ray.evaluation import eval_files
 from vigos_ray.models import check_teacher_checkpoints, load_processor
 from vigos_ray.prompts import encode, student_text
@@ -15,9 +13,8 @@ from vigos_ray.sft import initial_model
 
 
 def prompt_stream(cfg: Config, processor, split: str = "train") -> PromptStream:
-    cache = Path(cfg.run.cache_dir)
-    if cfg.data.source == "easyvqa":
-        files = [str(write_easyvqa_jsonl(cache / "data", "train" if split == "train" else "test"))]
+    if cfg.data.source != "files":
+        files = [str(embedded_file(cfg, "train" if split == "train" else "test"))]
     else:
         key = "data.train_files" if split == "train" else "data.eval_files"
         files = record_files(cfg.data.train_files if split == "train" else cfg.data.eval_files, key, split)
@@ -30,6 +27,10 @@ def prompt_stream(cfg: Config, processor, split: str = "train") -> PromptStream:
 
 
 def held_out_data(cfg: Config) -> list[str]:
+    """What evaluation reads: `easyvqa` (the embedded test split), the shortcut variant's test file, or
+    data.eval_files."""
+    if cfg.data.source == "easyvqa_shortcut":
+        return [str(embedded_file(cfg, "test"))]
     return ["easyvqa"] if cfg.data.source == "easyvqa" else cfg.data.eval_files
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -28,35 +29,15 @@ import torch.nn.functional as F
 from vigos_ray.config import Config, ConfigError, ContextConfig, to_container
 from vigos_ray.console import progress
 from vigos_ray.data import PromptStream, Sample, read_records
-from vigos_ray.easyvqa import write_easyvqa_jsonl
+from vigos_ray.easyvqa import easyvqa_labels, write_easyvqa_jsonl
 from vigos_ray.models import load_model, load_processor, resolve_model_path, write_model_folder
 from vigos_ray.prompts import context_text, encode
 from vigos_ray.schedule import lr_lambda
 from vigos_ray.scoring import hidden_at, output_head
+from vigos_ray.sight import pretrain_vision
 from vigos_ray.types import ScoreRow
 
 log = logging.getLogger(__name__)
-COLOURS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
-SHAPES = {"circle", "rectangle", "triangle"}
-
-
-def easyvqa_labels(split: str = "train") -> dict[str, tuple[str, str]]:
-    """Image path -> (colour, shape), read off the answers to each image's colour and shape questions."""
-    import easy_vqa
-
-    if split == "train":
-        _, answers, ids, paths = (*easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths())
-    else:
-        _, answers, ids, paths = (*easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths())
-    colour: dict[int, str] = {}
-    shape: dict[int, str] = {}
-    for answer, image in zip(answers, ids, strict=True):
-        if answer in COLOURS:
-            colour[image] = answer
-        elif answer in SHAPES:
-            shape[image] = answer
-    # an image whose questions are all yes/no keeps a vaguer description
-    return {path: (colour.get(i, "coloured"), shape.get(i, "shape")) for i, path in paths.items()}
 
 
 def description_text(colour: str, shape: str) -> str:
@@ -124,30 +105,44 @@ def completion_loss(model, rows: list[ScoreRow], vocab: int, budget: int) -> tor
     return F.cross_entropy(logits.float(), targets)
 
 
-def train_sft(cfg: Config, model_path: Path, out: Path, on_step: Callable[[int, float], None] | None = None) -> Path:
-    """`warm_start.steps` AdamW steps (cosine decay) on easy-VQA train; writes a Hugging Face folder at `out`.
-    The vision tower (encoder and merger) is kept as it is unless `warm_start.train_vision`: trained along, the
-    tiny model's tower collapsed to one output for every image."""
+Progress = Callable[[str, int, float], None]  # (stage: "vision" or "format", step, loss)
+
+
+def train_sft(cfg: Config, model_path: Path, out: Path, on_step: Progress | None = None) -> Path:
+    """`warm_start.vision_steps` of vision pretraining (vigos_ray/sight.py) when set, then
+    `warm_start.steps` AdamW steps (cosine decay) of the format on easy-VQA train; writes a Hugging Face folder at
+    `out`. The vision tower (encoder and merger) is frozen in the format stage unless `warm_start.train_vision`:
+    trained along, the tiny model's tower collapsed to one output for every image."""
     w = cfg.warm_start
-    steps, batch, lr, train_vision = w.steps, w.batch, w.lr, w.train_vision
     torch.manual_seed(cfg.run.seed)
+    report = (lambda stage: functools.partial(on_step, stage)) if on_step else (lambda stage: None)
     processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
+    model = load_model(model_path, "float32").train()
+    if w.vision_steps:
+        pretrain_vision(model, processor, easyvqa_labels("train"), w.vision_steps, w.vision_batch, w.vision_lr,
+                        cfg.run.seed, report("vision"))  # fmt: skip
+    for name, p in model.named_parameters():
+        p.requires_grad_(w.train_vision or ".visual." not in f".{name}")
+    train_format(cfg, model, processor, report("format"))
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    return write_model_folder(model_path, weights, out)
+
+
+def train_format(cfg: Config, model, processor, on_step: Callable[[int, float], None] | None = None) -> None:
+    """The format stage: cross-entropy on `sft_rows` of easy-VQA train, every context, `model`'s trainable
+    parameters."""
+    w = cfg.warm_start
     records = read_records(write_easyvqa_jsonl(Path(cfg.run.cache_dir) / "data", "train"))
     by_image = easyvqa_labels("train")
     labels = {str(r.fields["id"]): by_image[r.fields["image"]] for r in records}
     stream = PromptStream(records, seed=cfg.run.seed, min_pixels=cfg.model.min_pixels,
                           max_pixels=cfg.model.max_pixels)  # fmt: skip
-    model = load_model(model_path, "float32").train()
-    if not train_vision:
-        for name, p in model.named_parameters():
-            if ".visual." in f".{name}":
-                p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", 0, steps))
+    optimizer = torch.optim.AdamW(params, lr=w.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", 0, w.steps))
     vocab = len(processor.tokenizer)
-    for step in range(steps):
-        rows = sft_rows(processor, cfg, stream.next_batch(batch), labels)
+    for step in range(w.steps):
+        rows = sft_rows(processor, cfg, stream.next_batch(w.batch), labels)
         loss = completion_loss(model, rows, vocab, cfg.teachers["reasoning"].token_budget)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,8 +151,6 @@ def train_sft(cfg: Config, model_path: Path, out: Path, on_step: Callable[[int, 
         schedule.step()
         if on_step is not None:
             on_step(step, float(loss.detach()))
-    weights = {name: p.detach() for name, p in model.named_parameters()}
-    return write_model_folder(model_path, weights, out)
 
 
 def settings(cfg: Config, base_model: Path) -> dict:
@@ -168,13 +161,13 @@ def settings(cfg: Config, base_model: Path) -> dict:
             "pixels": [cfg.model.min_pixels, cfg.model.max_pixels]}  # fmt: skip
 
 
-def warm_start(cfg: Config, base_model: Path, out: Path, on_step: Callable[[int, float], None] | None = None) -> Path:
+def warm_start(cfg: Config, base_model: Path, out: Path) -> Path:
     """The warm start of `base_model` at `out`, trained once (process-safe): a folder whose recorded settings match
     is reused. With `warm_start.steps=0` the base model itself is the start (a model that already answers in
-    format). `out/warm_start.json` records the settings and the loss curve's first and last values."""
+    format). `out/warm_start.json` records the settings and each stage's first and last losses."""
     if cfg.warm_start.steps == 0:
         return base_model
-    if cfg.data.source != "easyvqa":
+    if cfg.data.source not in ("easyvqa", "easyvqa_shortcut"):
         raise ConfigError(
             "warm_start.steps > 0 trains on targets built from easy-VQA's labels, but data.source is "
             f"{cfg.data.source!r}; set warm_start.steps=0 to start from model.path as it is"
@@ -187,31 +180,37 @@ def warm_start(cfg: Config, base_model: Path, out: Path, on_step: Callable[[int,
         if marker.is_file() and json.loads(marker.read_text())["settings"] == wanted:
             log.debug("warm start already trained: %s", out)
             return out
-        log.info("warm start: %d supervised steps on easy-VQA train, once, into %s", cfg.warm_start.steps, out)
-        losses: list[float] = []
-        bar = progress(total=cfg.warm_start.steps, desc="warm start", unit="step")
+        w = cfg.warm_start
+        vision = f"{w.vision_steps} vision steps, then " if w.vision_steps else ""
+        log.info("warm start: %s%d supervised steps on easy-VQA train, once, into %s", vision, w.steps, out)
+        losses: dict[str, list[float]] = {"vision": [], "format": []}
+        totals, bars = {"vision": w.vision_steps, "format": w.steps}, {}
 
-        def record(step: int, loss: float) -> None:
-            losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            if on_step is not None:
-                on_step(step, loss)
+        def record(stage: str, step: int, loss: float) -> None:
+            losses[stage].append(loss)
+            if stage not in bars:  # one bar per stage, opened when the stage starts (its rate is its own)
+                for done in bars.values():
+                    done.close()
+                bars[stage] = progress(total=totals[stage], desc=f"warm start ({stage})", unit="step")
+            bars[stage].update(1)
+            bars[stage].set_postfix(loss=f"{loss:.3f}", refresh=False)
 
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:  # written aside and renamed: a killed build never looks finished
             train_sft(cfg, base_model, tmp, record)
-            (tmp / "warm_start.json").write_text(json.dumps({"settings": wanted, "loss_first": losses[:10],
-                                                            "loss_last": losses[-10:]}))  # fmt: skip
+            curves = {f"{stage}_loss_{end}": part for stage, curve in losses.items() if curve
+                      for end, part in (("first", curve[:10]), ("last", curve[-10:]))}  # fmt: skip
+            (tmp / "warm_start.json").write_text(json.dumps({"settings": wanted, **curves}))
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            bar.close()
+            for bar in bars.values():
+                bar.close()
     return out
 
 
-def initial_model(cfg: Config, on_step: Callable[[int, float], None] | None = None) -> Path:
+def initial_model(cfg: Config) -> Path:
     """The folder the student (and the self-distillation teachers) start from: `model.path`, or the tiny model
     built into `run.cache_dir` and, with `model.tiny_warm_start`, its warm start cached beside it (a random tiny
     model never writes the format, so only the reference teacher would have tokens to score)."""
@@ -219,7 +218,7 @@ def initial_model(cfg: Config, on_step: Callable[[int, float], None] | None = No
     if cfg.model.path or not cfg.model.tiny_warm_start:
         return base
     key = hashlib.sha256(json.dumps(settings(cfg, base), sort_keys=True).encode()).hexdigest()[:8]
-    return warm_start(cfg, base, base.parent / f"{base.name}-warm-{key}", on_step)
+    return warm_start(cfg, base, base.parent / f"{base.name}-warm-{key}")
 
 
 def base_config(cfg: Config) -> Config:

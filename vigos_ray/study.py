@@ -20,12 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vigos_ray.config import Config, ConfigError, load_config, save_config, to_container
+from vigos_ray.easyvqa import embedded_file
 from vigos_ray.metrics import flatten
 
 log = logging.getLogger(__name__)
 
-# The evaluation numbers the study compares, in table order (label -> how to read it off an evaluation report).
-COMPARED: dict[str, Callable[[dict], float]] = {
+# The evaluation numbers the study compares, in table order (label -> how to read it off an evaluation report;
+# None where a report has no such number, e.g. the prior split on data without `prior_conflict`).
+COMPARED: dict[str, Callable[[dict], float | None]] = {
     "Avg@k": lambda r: r[f"avg@{r['k']}"],
     "Pass@k": lambda r: r[f"pass@{r['k']}"],
     "accuracy": lambda r: r["accuracy"],
@@ -33,6 +35,9 @@ COMPARED: dict[str, Callable[[dict], float]] = {
     "unparseable": lambda r: r["unparseable"],
     "acc., mismatched image": lambda r: r["image"]["mismatched"],
     "image sensitivity": lambda r: r["image"]["sensitivity"],
+    "prior-conflict": lambda r: r.get("prior", {}).get("conflict"),
+    "prior-consistent": lambda r: r.get("prior", {}).get("consistent"),
+    "answers the prior": lambda r: r.get("prior", {}).get("follows_prior"),  # on prior-conflict items
 }
 
 
@@ -51,9 +56,15 @@ def arms(cfg: Config) -> list[Arm]:
 
 
 def arm_config(cfg: Config, arm: Arm, warm_start: Path, arms_dir: Path) -> Config:
-    """The training config of one arm: the study's config with its seed, objective, start model and run folder."""
+    """The training config of one arm: the study's config with its seed, objective, start model and run folder.
+    Shortcut data is drawn once, from the study's own `run.seed`, and given to every arm as files."""
+    data = cfg.data
+    if data.source == "easyvqa_shortcut":
+        train, test = (str(embedded_file(cfg, split)) for split in ("train", "test"))
+        data = dataclasses.replace(data, source="files", train_files=[train], eval_files=[test])
     return dataclasses.replace(
         cfg,
+        data=data,
         run=dataclasses.replace(cfg.run, name=arm.name, output_dir=str(arms_dir), seed=arm.seed),
         model=dataclasses.replace(cfg.model, path=str(warm_start)),
         loss=dataclasses.replace(cfg.loss, objective=arm.method),
@@ -95,6 +106,8 @@ def summarize(cfg: Config, reports: dict[str, dict]) -> dict:
         out[method] = {}
         for key, read in COMPARED.items():
             values = [read(r) for r in per_seed]
+            if None in values:
+                continue
             out[method][key] = {
                 "values": values,
                 "mean": statistics.fmean(values),
@@ -105,11 +118,51 @@ def summarize(cfg: Config, reports: dict[str, dict]) -> dict:
 
 def results_table(summary: dict, k: int) -> str:
     """Markdown: one row per method, mean ± std over seeds, in percent."""
-    labels = [label.replace("@k", f"@{k}") for label in COMPARED]
+    labels = [label.replace("@k", f"@{k}") for label in next(iter(summary.values()))]
     lines = ["| method | " + " | ".join(labels) + " |", "| --- |" + " ---: |" * len(labels)]
     for method, numbers in summary.items():
         cells = [f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" for v in numbers.values()]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Student's t, 0.975 quantile, for 1..10 degrees of freedom (more seeds than 11: 10's, a little conservative).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def paired_differences(summary: dict) -> dict[str, dict[str, dict]]:
+    """Per pair of methods (each trained method against `none`, and vigos against opsd) and compared number: the
+    per-seed differences (arms of one seed share the evaluation's sampling seeds, so seeds pair), their mean and
+    std, and `beyond_spread`: a paired t-test at 5% (two-sided) rejects "no difference", i.e. |mean| exceeds
+    t(0.975, seeds - 1) x std / sqrt(seeds) (with 3 seeds: 2.48 std)."""
+    methods = list(summary)
+    pairs = [(m, "none") for m in methods if m != "none" and "none" in methods]
+    if {"vigos", "opsd"} <= set(methods):
+        pairs.append(("vigos", "opsd"))
+    out: dict[str, dict[str, dict]] = {}
+    for a, b in pairs:
+        out[f"{a} - {b}"] = {}
+        for key in summary[a]:
+            diffs = [x - y for x, y in zip(summary[a][key]["values"], summary[b][key]["values"], strict=True)]
+            mean = statistics.fmean(diffs)
+            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            n = len(diffs)
+            beyond = n > 1 and abs(mean) > 1e-9 and abs(mean) > T_975[min(n - 1, len(T_975)) - 1] * std / n**0.5
+            out[f"{a} - {b}"][key] = {"values": diffs, "mean": mean, "std": std, "beyond_spread": beyond}
+    return out
+
+
+def differences_table(differences: dict, k: int) -> str:
+    """Markdown: paired differences in points, mean ± std over seeds; * where a paired t-test finds a difference."""
+    if not differences:
+        return ""
+    labels = [label.replace("@k", f"@{k}") for label in next(iter(differences.values()))]
+    lines = ["| paired difference (points) | " + " | ".join(labels) + " |", "| --- |" + " ---: |" * len(labels)]
+    for pair, numbers in differences.items():
+        cells = [f"{100 * v['mean']:+.1f} ± {100 * v['std']:.1f}{' *' if v['beyond_spread'] else ''}"
+                 for v in numbers.values()]  # fmt: skip
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    lines.append("\n\\* beyond the seed spread: a paired t-test over seeds at 5% (two-sided) finds a difference.")
     return "\n".join(lines)
 
 
@@ -133,10 +186,16 @@ def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
 
     from vigos_ray.plots import METHOD_COLOURS, read_run, series
 
-    held_out = "easy-VQA test" if cfg.data.source == "easyvqa" else "held-out items"
+    held_out = {"easyvqa": "easy-VQA test", "easyvqa_shortcut": "shortcut test"}.get(cfg.data.source, "held-out")
     panels = [("Avg@k", f"Avg@{cfg.eval.k} ({held_out})"), ("valid format", "valid format"),
-              ("image sensitivity", "image sensitivity (true - mismatched)")]  # fmt: skip
-    fig, axes = plt.subplots(1, len(panels) + 2, figsize=(4.2 * (len(panels) + 2), 3.6))
+              ("image sensitivity", "image sensitivity (true - mismatched)"),
+              ("prior-conflict", "accuracy where the wording misleads")]  # fmt: skip
+    panels = [(key, title) for key, title in panels if key in next(iter(summary.values()))]
+    count = len(panels) + 2
+    cols = count if count <= 5 else (count + 1) // 2  # six panels: two rows of three
+    rows = (count + cols - 1) // cols
+    fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    axes = list(grid.flat)
     methods = list(summary)
     for ax, (key, title) in zip(axes, panels, strict=False):
         for x, method in enumerate(methods):
@@ -150,6 +209,8 @@ def plot(cfg: Config, summary: dict, root: Path, out: Path) -> Path:
     window = 10
     runs = {arm: read_run(root / "arms" / arm.name) for arm in arms(cfg)
             if arm.method != "none" and (root / "arms" / arm.name / "metrics.jsonl").is_file()}  # fmt: skip
+    for unused in axes[len(panels) : -2]:
+        unused.axis("off")
     valid_ax, kl_ax = axes[-2], axes[-1]
     # the reference teacher scores only the few invalid rollouts: points, not a line
     kl_style = {"kl/perception": {"linestyle": ":"}, "kl/reference": {"linestyle": "none", "marker": "x"}}
@@ -191,11 +252,14 @@ def write_results(cfg: Config, reports: dict[str, dict], root: Path, seconds: di
     for timing in invocations:
         for phase, value in timing.items():
             total[phase] = total.get(phase, 0.0) + value
+    differences = paired_differences(summary)
     results = {"study": dataclasses.asdict(cfg.study), "steps": cfg.run.steps,
-               "eval_items": next(iter(reports.values()))["items"], "summary": summary, "palr": palr,
-               "seconds": total, "invocations": len(invocations)}  # fmt: skip
+               "eval_items": next(iter(reports.values()))["items"], "summary": summary,
+               "differences": differences, "palr": palr, "seconds": total, "invocations": len(invocations)}  # fmt: skip
     (root / "results.json").write_text(json.dumps(results, indent=1))
     md = [results_table(summary, cfg.eval.k)]
+    if differences:
+        md += ["", differences_table(differences, cfg.eval.k)]
     if palr:
         md += ["", palr_rows(palr)]
     (root / "results.md").write_text("\n".join(md) + "\n")

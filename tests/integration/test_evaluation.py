@@ -12,7 +12,7 @@ from PIL import Image
 
 from vigos_ray.config import load_config
 from vigos_ray.data import Sample
-from vigos_ray.evaluation import EvalItem, JudgeRequired, check_benchmark, evaluate, pass_at_k
+from vigos_ray.evaluation import EvalItem, JudgeRequired, check_benchmark, evaluate, pass_at_k, table
 from vigos_ray.models import load_processor
 from vigos_ray.sampling import make_rollout
 
@@ -74,6 +74,23 @@ def test_scores_probe_and_prior_split_on_a_scripted_model(tiny_fast):
     assert report["image"] == {"true": 0.75, "mismatched": 0.0, "sensitivity": 0.75}
     assert report["prior"] == {"conflict": pytest.approx(0.75), "consistent": pytest.approx(0.75)}
     assert report["per_item"][0]["extracted"] == ["red", None]
+
+
+def test_on_prior_conflict_items_the_report_counts_the_answers_that_follow_the_prior(tiny_fast):
+    tok = load_processor(tiny_fast, 3136, 12544).tokenizer
+    # "what color is the circle?": the prior says teal, the image shows red (conflict); a consistent item beside it
+    items = [EvalItem(Sample("c", Image.new("RGB", (28, 28), "red"), "what color is the circle?", "red"),
+                      prior_conflict=True, prior_answer="teal"),
+             EvalItem(Sample("k", Image.new("RGB", (28, 28), "teal"), "what color is the circle?", "teal"),
+                      prior_conflict=False, prior_answer="teal")]  # fmt: skip
+
+    def answers(sample):  # the wording's answer, then the truth, whatever the image
+        return [f"A shape.</description><think>So.</think>\\boxed{{{a}}}" for a in ("teal", sample.answer)]
+
+    cfg = load_config(overrides=[f"model.path={tiny_fast}"])
+    report = evaluate(items, scripted(tok, answers), tok, cfg, samples_per_item=2, k=2, image_probe=False)
+    assert report["prior"] == {"conflict": 0.5, "consistent": 1.0, "follows_prior": 0.5}
+    assert "answers the prior, prior-conflict items   50.00%" in table(report)
 
 
 @pytest.mark.e2e  # the default warm start

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from vigos_ray.config import load_config
+from vigos_ray.easyvqa import easyvqa_labels
 from vigos_ray.models import load_model, load_processor
-from vigos_ray.sft import CONTEXTS, completion_loss, easyvqa_labels, sft_rows, target_text
+from vigos_ray.sft import CONTEXTS, completion_loss, sft_rows, target_text
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +35,7 @@ def test_the_default_warm_start_lowers_the_loss_and_prefers_the_format_on_held_o
 
     cfg = load_config(overrides=[f"run.cache_dir={cache_dir}", "model.max_pixels=12544"])
     record = json.loads((tiny_warm / "warm_start.json").read_text())
-    losses_first, losses_last = record["loss_first"], record["loss_last"]
+    losses_first, losses_last = record["format_loss_first"], record["format_loss_last"]
     assert sum(losses_last) / len(losses_last) < 0.5 * sum(losses_first) / len(losses_first)
     assert record["settings"]["steps"] == cfg.warm_start.steps and tiny_warm.name.startswith(tiny_fast.name)
     assert initial_model(load_config(overrides=[f"run.cache_dir={cache_dir}"])) == tiny_warm  # built once, reused

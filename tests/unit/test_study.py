@@ -86,3 +86,20 @@ def test_without_warm_start_steps_the_base_model_is_the_start_and_other_data_nee
     files = study_config("data.source=files", f"data.train_files=[{tmp_path / 'train.jsonl'}]")
     with pytest.raises(ConfigError, match=r"easy-VQA's labels.*set warm_start.steps=0"):
         warm_start(files, base, tmp_path / "warm")
+
+
+def test_paired_differences_pair_arms_by_seed_and_a_paired_t_test_flags_a_gap_beyond_the_seed_spread():
+    from vigos_ray.study import differences_table, paired_differences
+
+    cfg = study_config("study.seeds=[3,4,5]")
+    avg = {"vigos": (0.60, 0.52, 0.55), "opsd": (0.58, 0.42, 0.60), "none": (0.50, 0.40, 0.46)}
+    reports = {f"{method}-s{seed}": report(a, 1.0, 0.2)
+               for method, values in avg.items() for seed, a in zip((3, 4, 5), values, strict=True)}  # fmt: skip
+    diff = paired_differences(summarize(cfg, reports))
+    assert list(diff) == ["vigos - none", "opsd - none", "vigos - opsd"]
+    vigos = diff["vigos - none"]["Avg@k"]  # +0.10, +0.12, +0.09: mean 0.103 > 4.303 x 0.0153 / sqrt(3) = 0.038
+    assert vigos["values"] == pytest.approx([0.10, 0.12, 0.09]) and vigos["beyond_spread"]
+    assert not diff["vigos - opsd"]["Avg@k"]["beyond_spread"]  # +0.02, +0.10, -0.05: mean 0.023 < 0.186
+    assert not diff["vigos - none"]["valid format"]["beyond_spread"]  # no difference at all
+    table = differences_table(diff, k=4).splitlines()
+    assert table[2].startswith("| vigos - none | +10.3 ± 1.5 * |") and len(table) == 2 + 3 + 2
