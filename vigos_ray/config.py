@@ -70,7 +70,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # `easyvqa`: the embedded easy-VQA set (PyPI easy-vqa). `easyvqa_shortcut`: its colour and shape questions with
-    # a planted wording prior drawn from run.seed (vigos_ray/easyvqa.py; README "Shortcut-prone data"). `files`:
+    # a planted wording prior drawn from run.seed (vigos_ray/easyvqa.py; docs/study.md, "Shortcut-prone data"). `files`:
     # JSONL/Parquet files in vigos_ray/data.py format.
     source: Literal["easyvqa", "easyvqa_shortcut", "files"] = "easyvqa"
     train_files: list[str] = field(default_factory=list)
