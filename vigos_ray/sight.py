@@ -92,11 +92,11 @@ def probe_accuracy(model, processor, classifier, labels: dict[str, tuple[str, st
 
 
 @torch.no_grad()
-def colour_named_from_image(model, processor, cfg: Config, labels: dict[str, tuple[str, str]], limit: int = 0) -> float:
-    """The share of `labels`' images (path -> colour, shape; the first `limit`, 0 = all) whose colour is the first
-    colour word `model` writes when it describes the image alone: the perception context, greedy decoding."""
+def colour_named_from_image(model, processor, cfg: Config, labels: dict[str, tuple[str, str]]) -> float:
+    """The share of `labels`' images (path -> colour, shape) whose colour is the first colour word `model` writes
+    when it describes the image alone: the perception context, greedy decoding."""
     context = context_text(processor, cfg.context("perception"), "")
-    items = [(path, colour) for path, (colour, _) in labels.items() if colour in COLOURS][: limit or None]
+    items = [(path, colour) for path, (colour, _) in labels.items() if colour in COLOURS]
     right = 0
     for path, colour in items:
         enc = encode(processor, context, Image.open(path).convert("RGB"))

@@ -57,7 +57,7 @@ class LossModule(nn.Module):
         """(weighted loss, stats) of a micro-batch, or, given token ids [1, T], their next-token log-probs [T-1]:
         every use of the weights goes through here, so that FSDP's root hooks gather what it holds."""
         if isinstance(micro, torch.Tensor):
-            return next_token_logprobs(self.student, micro).clone()  # not a view: FSDP hooks the output
+            return next_token_logprobs(self.student, micro)
         own = output_head(self.student)  # inside the root's forward: gathered whole
         heads = {name: own if h is STUDENT_HEAD else h.full for name, h in self.teacher_heads.items()}
         loss, stats = student_loss(self.student, micro.plan, micro.targets, self.cfg, self.vocab_size, heads,
@@ -362,10 +362,6 @@ class LearnerWorker:
             dist.destroy_process_group()
 
 
-# ---- probes: read-only views of a rank's model for checks, run in its actor (`WorkerGroup.call_all(fn, ...)`) ----
-
-
-@torch.no_grad()
 def rendezvous(learner: LearnerWorker, world_size: int) -> tuple[str, int]:
     """On learner rank 0 (`__ray_call__`): bind the FSDP group's TCP store to a port the OS picks, and return its
     address for every rank's `join`. Choosing a free port and binding it later races with other processes on
@@ -376,6 +372,10 @@ def rendezvous(learner: LearnerWorker, world_size: int) -> tuple[str, int]:
     return host, learner.store.port
 
 
+# ---- probes: read-only views of a rank's model for checks, run in its actor (`WorkerGroup.call_all(fn, ...)`) ----
+
+
+@torch.no_grad()
 def token_logprobs(learner: LearnerWorker, ids: list[int]) -> list[float]:
     """log p(ids[t] | ids[:t]) for t >= 1 under the current weights (a collective: call on every rank)."""
     learner.module.eval()
