@@ -18,6 +18,7 @@ def build_both(model_path: str, rank: int, world: int, host: str, port: int) -> 
     """On one rank of `world`: for no LoRA and LoRA, a full-load and a sharded learner in one gloo group; per
     build: checksums of the whole student (rank 0), probe log-probs, its local shards, the teachers' head checksums."""
     from workers.learner import STUDENT_HEAD, LearnerWorker, head_checksums, state_checksums, token_logprobs
+    from workers.sharded_start import local
 
     out = []
     for extra in ([], LORA):
@@ -26,7 +27,11 @@ def build_both(model_path: str, rank: int, world: int, host: str, port: int) -> 
             cfg = load_config(overrides=[*overrides, "learner.gradient_checkpointing=true"])
             learner = LearnerWorker(cfg, model_path, worker_index=rank)
             learner.join(host, port, world)
-            shards = {n: p.to_local().clone() for n, p in learner.module.named_parameters()}
+            # FSDP holds what trains; one rank keeps the frozen weights out of it (nothing to shard, only to copy)
+            managed = {n for n, p in learner.module.named_parameters() if hasattr(p, "to_local")}
+            trained = {n for n, p in learner.module.named_parameters() if p.requires_grad}
+            assert managed == (trained if world == 1 else {n for n, _ in learner.module.named_parameters()})
+            shards = {n: local(p).clone() for n, p in learner.module.named_parameters()}
             out.append((state_checksums(learner), token_logprobs(learner, PROBE), shards, head_checksums(learner)))
             if extra:  # LoRA leaves the head untrained: the teachers' head is the student's own, read in place
                 assert all(h is STUDENT_HEAD for h in learner.heads.values())
@@ -65,6 +70,7 @@ def test_a_checkpoint_of_a_sharded_start_up_resumes_a_full_load_exactly(tiny_fas
     import torch
 
     from workers.learner import LearnerWorker, state_checksums, token_logprobs
+    from workers.sharded_start import local
 
     port = free_port("127.0.0.1")
     learners = {}
@@ -76,7 +82,7 @@ def test_a_checkpoint_of_a_sharded_start_up_resumes_a_full_load_exactly(tiny_fas
         with torch.no_grad():  # stand-in for training: every adapter and a base weight move
             for name, p in learners["sharded"].module.named_parameters():
                 if p.requires_grad or name.endswith("embed_tokens.weight"):
-                    p.to_local().add_(0.01 * torch.randn_like(p.to_local()))
+                    local(p).add_(0.01 * torch.randn_like(local(p)))
         learners["sharded"].save_state(str(tmp_path))
         assert state_checksums(learners["full"]) != state_checksums(learners["sharded"])
         learners["full"].load_state(str(tmp_path))
