@@ -104,3 +104,45 @@ def test_two_ranks_sharded_start_up_equals_the_full_load_on_every_rank(ray_clust
     assert ranks[0][3][2].keys() == ranks[1][3][2].keys()
     embed = next(n for n in ranks[0][3][2] if "embed_tokens" in n)
     assert ranks[0][3][2][embed].shape[0] + ranks[1][3][2][embed].shape[0] == 640  # rows split across the ranks
+
+
+def load_and_checksum(model_path: str, checkpoint: str, rank: int, world: int, host: str, port: int):
+    """On one rank of `world`: a LoRA learner that loads `checkpoint`; rank 0 returns the whole state's checksums."""
+    from workers.learner import LearnerWorker, state_checksums
+
+    cfg = load_config(overrides=[f"model.path={model_path}", f"learner.workers={world}", *LORA])
+    learner = LearnerWorker(cfg, model_path, worker_index=rank)
+    learner.join(host, port, world)
+    try:
+        learner.load_state(checkpoint)
+        return state_checksums(learner)
+    finally:
+        learner.shutdown()
+
+
+@pytest.mark.e2e  # ~20 s
+def test_a_checkpoint_written_at_one_rank_resumes_at_two(ray_cluster, tiny_fast, tmp_path):
+    """One rank keeps its frozen weights out of FSDP (plain tensors in its checkpoint); two ranks shard them: DCP
+    reads the one into the other, every tensor equal."""
+    import torch
+
+    from workers.learner import LearnerWorker, state_checksums
+    from workers.sharded_start import local
+
+    cfg = load_config(overrides=[f"model.path={tiny_fast}", "learner.workers=1", *LORA])
+    one = LearnerWorker(cfg, tiny_fast)
+    one.join("127.0.0.1", free_port("127.0.0.1"), 1)
+    try:
+        with torch.no_grad():  # stand-in for training: every adapter and a frozen base weight move
+            for name, p in one.module.named_parameters():
+                if p.requires_grad or name.endswith("embed_tokens.weight"):
+                    local(p).add_(0.01 * torch.randn_like(local(p)))
+        one.save_state(str(tmp_path))
+        written = state_checksums(one)
+    finally:
+        one.shutdown()
+    task = ray_cluster.remote(num_cpus=1)(load_and_checksum)
+    port = free_port("127.0.0.1")
+    ranks = ray_cluster.get([task.remote(str(tiny_fast), str(tmp_path), r, 2, "127.0.0.1", port) for r in range(2)],
+                            timeout=600)  # fmt: skip
+    assert ranks[0] == written and len(written) > 50
