@@ -96,7 +96,7 @@ def test_a_checkpoint_of_a_sharded_start_up_resumes_a_full_load_exactly(tiny_fas
 def test_two_ranks_sharded_start_up_equals_the_full_load_on_every_rank(ray_cluster, tiny_fast):
     import ray
 
-    task = ray.remote(num_cpus=1)(build_both)
+    task = ray.remote(num_cpus=1, max_calls=1)(build_both)  # a fresh process: no group left behind
     port = free_port("127.0.0.1")
     ranks = ray.get([task.remote(str(tiny_fast), r, 2, "127.0.0.1", port) for r in range(2)], timeout=600)
     for builds in ranks:
@@ -141,7 +141,7 @@ def test_a_checkpoint_written_at_one_rank_resumes_at_two(ray_cluster, tiny_fast,
         written = state_checksums(one)
     finally:
         one.shutdown()
-    task = ray_cluster.remote(num_cpus=1)(load_and_checksum)
+    task = ray_cluster.remote(num_cpus=1, max_calls=1)(load_and_checksum)
     port = free_port("127.0.0.1")
     ranks = ray_cluster.get([task.remote(str(tiny_fast), str(tmp_path), r, 2, "127.0.0.1", port) for r in range(2)],
                             timeout=600)  # fmt: skip
