@@ -118,22 +118,23 @@ def train_sft(cfg: Config, model_path: Path, out: Path, on_step: Progress | None
     report = (lambda stage: functools.partial(on_step, stage)) if on_step else (lambda stage: None)
     processor = load_processor(model_path, cfg.model.min_pixels, cfg.model.max_pixels)
     model = load_model(model_path, "float32").train()
+    labels = easyvqa_labels("train")
     if w.vision_steps:
-        pretrain_vision(model, processor, easyvqa_labels("train"), w.vision_steps, w.vision_batch, w.vision_lr,
-                        cfg.run.seed, report("vision"))  # fmt: skip
+        pretrain_vision(model, processor, labels, w.vision_steps, w.vision_batch, w.vision_lr, cfg.run.seed,
+                        report("vision"))  # fmt: skip
     for name, p in model.named_parameters():
         p.requires_grad_(w.train_vision or ".visual." not in f".{name}")
-    train_format(cfg, model, processor, report("format"))
+    train_format(cfg, model, processor, labels, report("format"))
     weights = {name: p.detach() for name, p in model.named_parameters()}
     return write_model_folder(model_path, weights, out)
 
 
-def train_format(cfg: Config, model, processor, on_step: Callable[[int, float], None] | None = None) -> None:
-    """The format stage: cross-entropy on `sft_rows` of easy-VQA train, every context, `model`'s trainable
-    parameters."""
+def train_format(cfg: Config, model, processor, by_image: dict[str, tuple[str, str]],
+                 on_step: Callable[[int, float], None] | None = None) -> None:  # fmt: skip
+    """The format stage: cross-entropy on `sft_rows` of easy-VQA train (`by_image`: its `easyvqa_labels`), every
+    context, `model`'s trainable parameters."""
     w = cfg.warm_start
     records = read_records(write_easyvqa_jsonl(Path(cfg.run.cache_dir) / "data", "train"))
-    by_image = easyvqa_labels("train")
     labels = {str(r.fields["id"]): by_image[r.fields["image"]] for r in records}
     stream = PromptStream(records, seed=cfg.run.seed, min_pixels=cfg.model.min_pixels,
                           max_pixels=cfg.model.max_pixels)  # fmt: skip

@@ -47,8 +47,14 @@ def pooled_features(visual, patches: torch.Tensor, grid: torch.Tensor) -> torch.
     return merged.view(len(patches), -1, merged.shape[-1]).mean(1)
 
 
-def class_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def split_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's output as (colour logits, shape logits)."""
     colour, shape = logits.split([len(COLOURS), len(SHAPES)], dim=-1)
+    return colour, shape
+
+
+def class_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    colour, shape = split_logits(logits)
     return F.cross_entropy(colour, targets[:, 0], ignore_index=-100) + F.cross_entropy(
         shape, targets[:, 1], ignore_index=-100
     )
@@ -85,7 +91,7 @@ def probe_accuracy(model, processor, classifier, labels: dict[str, tuple[str, st
     patches, grid, targets = image_tensors(processor, labels)
     logits = torch.cat([classifier(pooled_features(model.model.visual, patches[i : i + 256], grid))
                         for i in range(0, len(patches), 256)])  # fmt: skip
-    colour, shape = logits.split([len(COLOURS), len(SHAPES)], dim=-1)
+    colour, shape = split_logits(logits)
     known = targets >= 0
     return {"colour": float((colour.argmax(-1) == targets[:, 0])[known[:, 0]].float().mean()),
             "shape": float((shape.argmax(-1) == targets[:, 1])[known[:, 1]].float().mean())}  # fmt: skip
